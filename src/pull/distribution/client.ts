@@ -1,0 +1,235 @@
+/**
+ * The OCI distribution client for one repository at one API base: manifests (bounded, digest
+ * computed and, for by-digest pulls, verified) and blobs (streams verified as they pass), with
+ * 401 challenges answered once per request and registry errors mapped to GuestpullError codes.
+ */
+import type { Readable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import { z } from 'zod';
+import { ErrorCode, GuestpullError } from '../../errors.js';
+import type { Logger } from '../../log.js';
+import { isValidDigest, MANIFEST_ACCEPT, parseDigest, type Descriptor } from '../../oci.js';
+import { Authenticator, type Credentials } from './auth.js';
+import { classifyManifest, contentTypeOf } from './manifest.js';
+import type { HttpResponse, Transport } from './transport/index.js';
+import { digestOf, readBounded, VerifyingStream } from './verify.js';
+
+export type { Credentials } from './auth.js';
+
+export interface RegistryClientOptions {
+  /** API base ending in '/', e.g. 'http://127.0.0.1:5000/v2/' or 'https://harbor/v2/proxy-docker.io/'. */
+  baseUrl: string;
+  repository: string;
+  transport: Transport;
+  logger: Logger;
+  /** The user's image string, for messages. */
+  image: string;
+  credentials?: Credentials;
+  limits?: { manifestBytes?: number; errorBodyBytes?: number; tokenBodyBytes?: number };
+}
+
+export interface FetchedManifest {
+  digest: string;
+  mediaType: string;
+  bytes: Buffer;
+}
+
+const MiB = 1024 * 1024;
+/** distribution's repository name grammar (path components of lowercase alphanumerics and separators). */
+const REPOSITORY = /^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:\/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$/;
+const TAG = /^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$/;
+
+const ErrorDocument = z.object({
+  errors: z.array(z.looseObject({ code: z.string().optional(), message: z.string().optional() })),
+});
+
+interface Target {
+  kind: 'manifest' | 'blob';
+  ref: string;
+}
+
+export class RegistryClient {
+  readonly image: string;
+  readonly repository: string;
+  /** scheme://host:port of the API base, for messages. */
+  readonly origin: string;
+  private readonly base: URL;
+  private readonly transport: Transport;
+  private readonly logger: Logger;
+  private readonly auth: Authenticator;
+  private readonly manifestBytes: number;
+  private readonly errorBodyBytes: number;
+
+  constructor(opts: RegistryClientOptions) {
+    try {
+      this.base = new URL(opts.baseUrl.endsWith('/') ? opts.baseUrl : `${opts.baseUrl}/`);
+    } catch {
+      throw new GuestpullError(ErrorCode.CONFIG, `invalid registry API base URL ${JSON.stringify(opts.baseUrl)}`, { image: opts.image });
+    }
+    if (!REPOSITORY.test(opts.repository) || opts.repository.length > 255) {
+      throw new GuestpullError(ErrorCode.INVALID_REFERENCE, `invalid repository name ${JSON.stringify(opts.repository.slice(0, 300))} in image ${opts.image}`, {
+        image: opts.image,
+      });
+    }
+    this.image = opts.image;
+    this.repository = opts.repository;
+    this.origin = this.base.origin;
+    this.transport = opts.transport;
+    this.logger = opts.logger;
+    this.manifestBytes = opts.limits?.manifestBytes ?? 4 * MiB;
+    this.errorBodyBytes = opts.limits?.errorBodyBytes ?? MiB;
+    this.auth = new Authenticator({
+      transport: opts.transport,
+      logger: opts.logger,
+      registry: this.base,
+      repository: opts.repository,
+      image: opts.image,
+      tokenBodyBytes: opts.limits?.tokenBodyBytes ?? MiB,
+      ...(opts.credentials ? { credentials: opts.credentials } : {}),
+    });
+  }
+
+  async getManifest(reference: string, signal?: AbortSignal): Promise<FetchedManifest> {
+    const started = performance.now();
+    const byDigest = reference.includes(':');
+    if (byDigest ? !isValidDigest(reference) : !TAG.test(reference)) {
+      throw new GuestpullError(ErrorCode.INVALID_REFERENCE, `invalid ${byDigest ? 'digest' : 'tag'} ${JSON.stringify(reference.slice(0, 200))} in image ${this.image}`, {
+        image: this.image,
+      });
+    }
+    const what = `manifest ${reference} of ${this.image} from ${this.origin}`;
+    const res = await this.send(this.url('manifests', reference), { accept: MANIFEST_ACCEPT }, { kind: 'manifest', ref: reference }, signal);
+    const announced = contentLength(res);
+    if (announced !== undefined && announced > this.manifestBytes) {
+      res.body.destroy();
+      throw this.tooLarge(what, `announces ${announced} bytes`);
+    }
+    const { bytes, overflow } = await readBounded(res.body, this.manifestBytes);
+    if (overflow) throw this.tooLarge(what, 'is larger');
+    const digest = digestOf(bytes, byDigest ? parseDigest(reference).algorithm : 'sha256');
+    if (byDigest && digest !== reference) {
+      throw new GuestpullError(ErrorCode.DIGEST_MISMATCH, `${what}: content digest is ${digest}, expected ${reference}`, {
+        image: this.image,
+        endpoint: this.origin,
+      });
+    }
+    const { mediaType } = classifyManifest(bytes, contentTypeOf(res.headers['content-type']), what);
+    this.logger.debug({ image: this.image, reference, digest, mediaType, bytes: bytes.length, ms: Math.round(performance.now() - started) }, 'manifest fetched');
+    return { digest, mediaType, bytes };
+  }
+
+  /** A stream of exactly `desc.size` bytes whose digest is `desc.digest`; it errors (DIGEST_MISMATCH) otherwise. */
+  async getBlob(desc: Descriptor, signal?: AbortSignal): Promise<Readable> {
+    const started = performance.now();
+    parseDigest(desc.digest);
+    const what = `blob ${desc.digest} of ${this.image} from ${this.origin}`;
+    const res = await this.send(this.url('blobs', desc.digest), {}, { kind: 'blob', ref: desc.digest }, signal);
+    const announced = contentLength(res);
+    if (announced !== undefined && announced !== desc.size) {
+      res.body.destroy();
+      throw new GuestpullError(ErrorCode.DIGEST_MISMATCH, `${what}: the registry announces ${announced} bytes, the descriptor promises ${desc.size}`, {
+        image: this.image,
+        layer: desc.digest,
+      });
+    }
+    const verifier = new VerifyingStream({
+      digest: desc.digest,
+      size: desc.size,
+      what,
+      onVerified: (bytes) =>
+        this.logger.debug({ image: this.image, digest: desc.digest, bytes, ms: Math.round(performance.now() - started) }, 'blob fetched'),
+    });
+    // Errors reach the consumer through `verifier`; the promise itself has nobody to tell.
+    pipeline(res.body, verifier).catch(() => undefined);
+    return verifier;
+  }
+
+  /** A whole small blob (e.g. an image config), refused before fetching when larger than `maxBytes`. */
+  async getBlobBytes(desc: Descriptor, maxBytes: number, signal?: AbortSignal): Promise<Buffer> {
+    if (desc.size > maxBytes) {
+      throw new GuestpullError(
+        ErrorCode.BAD_IMAGE,
+        `blob ${desc.digest} (${desc.mediaType}) of ${this.image} is ${desc.size} bytes, more than the ${maxBytes} allowed for it`,
+        { image: this.image },
+      );
+    }
+    const stream = await this.getBlob(desc, signal);
+    const { bytes } = await readBounded(stream, maxBytes);
+    return bytes;
+  }
+
+  private url(kind: 'manifests' | 'blobs', ref: string): string {
+    return new URL(`${this.repository}/${kind}/${ref}`, this.base).href;
+  }
+
+  private tooLarge(what: string, how: string): GuestpullError {
+    return new GuestpullError(ErrorCode.BAD_IMAGE, `${what} ${how} than the ${this.manifestBytes} bytes allowed for a manifest; refusing it`, {
+      image: this.image,
+      endpoint: this.origin,
+    });
+  }
+
+  /** GET with auth: one retry after answering a 401 challenge; anything but 200 becomes an error. */
+  private async send(url: string, headers: Record<string, string>, target: Target, signal?: AbortSignal): Promise<HttpResponse> {
+    const sig = signal ? { signal } : {};
+    const first = await this.auth.authorization(signal);
+    let res = await this.transport.request({ url, headers: withAuth(headers, first), ...sig });
+    if (res.statusCode === 401) {
+      await readBounded(res.body, this.errorBodyBytes).catch(() => undefined);
+      const retry = await this.auth.answer(res.headers['www-authenticate'], first, signal);
+      res = await this.transport.request({ url, headers: withAuth(headers, retry), ...sig });
+    }
+    if (res.statusCode !== 200) throw await this.statusError(res, target);
+    return res;
+  }
+
+  private async statusError(res: HttpResponse, target: Target): Promise<GuestpullError> {
+    let quoted = '';
+    let codes: string[] = [];
+    try {
+      const { bytes } = await readBounded(res.body, this.errorBodyBytes);
+      const doc = ErrorDocument.safeParse(JSON.parse(bytes.toString('utf8')));
+      if (doc.success) {
+        codes = doc.data.errors.map((e) => e.code ?? '').filter((c) => c !== '');
+        const msgs = doc.data.errors
+          .slice(0, 3)
+          .map((e) => [e.code, e.message].filter((x) => x !== undefined && x !== '').join(': ').slice(0, 300))
+          .filter((m) => m !== '');
+        if (msgs.length) quoted = `; the registry said: ${msgs.map((m) => JSON.stringify(m)).join(', ')}`;
+      }
+    } catch {
+      // Not JSON, or the body failed: the status code alone has to do.
+    }
+    const status = res.statusCode;
+    const has = (...c: string[]): boolean => codes.some((x) => c.includes(x));
+    const subject = `${target.kind} ${target.ref}`;
+    const where = `${this.repository} at ${this.origin}`;
+    const ctx = { image: this.image, endpoint: this.origin };
+    if (status === 404 || has('MANIFEST_UNKNOWN', 'NAME_UNKNOWN', 'BLOB_UNKNOWN')) {
+      return new GuestpullError(ErrorCode.NOT_FOUND, `${subject} not found in ${where} (image ${this.image})${quoted}`, ctx);
+    }
+    if (status === 401 || has('UNAUTHORIZED')) {
+      return new GuestpullError(ErrorCode.UNAUTHENTICATED, `${subject} of ${where}: HTTP ${status} after authenticating; ${this.auth.refusalHint()}${quoted}`, ctx);
+    }
+    if (status === 403 || has('DENIED')) {
+      return new GuestpullError(ErrorCode.PERMISSION_DENIED, `${subject} of ${where}: access denied (HTTP ${status}) for image ${this.image}${quoted}`, ctx);
+    }
+    if (status === 429 || status >= 500 || has('TOOMANYREQUESTS', 'UNAVAILABLE')) {
+      return new GuestpullError(ErrorCode.UNAVAILABLE, `${subject} of ${where}: the registry answered HTTP ${status}; try again later${quoted}`, ctx);
+    }
+    if (has('NAME_INVALID', 'TAG_INVALID')) {
+      return new GuestpullError(ErrorCode.INVALID_REFERENCE, `${subject} of ${where}: the registry refused the name (HTTP ${status}) of image ${this.image}${quoted}`, ctx);
+    }
+    return new GuestpullError(ErrorCode.UNAVAILABLE, `${subject} of ${where}: unexpected HTTP ${status} from the registry${quoted}`, ctx);
+  }
+}
+
+function withAuth(headers: Record<string, string>, authorization: string | undefined): Record<string, string> {
+  return authorization === undefined ? headers : { ...headers, authorization };
+}
+
+function contentLength(res: HttpResponse): number | undefined {
+  const v = res.headers['content-length'];
+  if (typeof v !== 'string' || !/^\d+$/.test(v)) return undefined;
+  return Number(v);
+}
