@@ -52,6 +52,9 @@ export async function resolveInRoot(root: string, p: string | string[], opts: Re
     const comp = queue.pop()!;
     if (comp === '..') {
       done.pop();
+      // Stepping back out of a missing part may land on existing components again: check
+      // every later component anew (else `l -> missing/../evil` would skip evil's symlink).
+      missing = false;
       continue;
     }
     const isFinal = queue.length === 0;

@@ -1,0 +1,60 @@
+/**
+ * The digest-and-bound stage between decompression and the tar parser: hashes every uncompressed
+ * byte (for the diff_id check), counts them, and stops a layer that inflates past its bounds
+ * (absolute size, and the uncompressed/compressed ratio once more than 1 MiB has flowed).
+ */
+import { createHash, type Hash } from 'node:crypto';
+import { Transform, type TransformCallback } from 'node:stream';
+import { ErrorCode, GuestpullError } from '../../errors.js';
+import type { LayerContext, LayerLimits } from './entry.js';
+
+/** The ratio bound only applies once this many bytes have been inflated. */
+export const RATIO_GRACE_BYTES = 1024 * 1024;
+
+export class HashCounter extends Transform {
+  bytes = 0;
+  private readonly hash: Hash;
+
+  constructor(
+    algorithm: 'sha256' | 'sha512',
+    private readonly compressedSize: number,
+    private readonly limits: Pick<LayerLimits, 'maxUncompressedBytes' | 'maxRatio'>,
+    private readonly ctx: LayerContext,
+    /** false for uncompressed layers: the ratio means nothing there */
+    private readonly checkRatio: boolean,
+  ) {
+    super({ highWaterMark: 256 * 1024 });
+    this.hash = createHash(algorithm);
+  }
+
+  override _transform(chunk: Buffer, _enc: BufferEncoding, cb: TransformCallback): void {
+    this.bytes += chunk.length;
+    if (this.bytes > this.limits.maxUncompressedBytes) {
+      cb(
+        new GuestpullError(
+          ErrorCode.BAD_IMAGE,
+          `layer ${this.ctx.layer} of ${this.ctx.image} inflates to more than ${this.limits.maxUncompressedBytes} bytes (maxUncompressedBytes); refusing it`,
+          { image: this.ctx.image, layer: this.ctx.layer },
+        ),
+      );
+      return;
+    }
+    if (this.checkRatio && this.bytes > RATIO_GRACE_BYTES && this.bytes / Math.max(1, this.compressedSize) > this.limits.maxRatio) {
+      cb(
+        new GuestpullError(
+          ErrorCode.BAD_IMAGE,
+          `layer ${this.ctx.layer} of ${this.ctx.image} inflates more than ${this.limits.maxRatio} times its compressed size of ${this.compressedSize} bytes (maxRatio): a decompression bomb or a wrong descriptor size`,
+          { image: this.ctx.image, layer: this.ctx.layer },
+        ),
+      );
+      return;
+    }
+    this.hash.update(chunk);
+    cb(null, chunk);
+  }
+
+  /** The hex digest; call once, after the stream has finished. */
+  digestHex(): string {
+    return this.hash.digest('hex');
+  }
+}
