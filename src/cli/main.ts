@@ -1,0 +1,50 @@
+/**
+ * Command dispatch for the guestpull CLI: `serve`, `pull`, `help`, `--help`, `--version`.
+ * Every failure leaves as one stderr line and an exit code from ./exit-codes.ts.
+ */
+import { asGuestpullError } from '../errors.js';
+import { reportFailure, usageError } from './exit-codes.js';
+import { MAIN_HELP, PULL_HELP, SERVE_HELP } from './help.js';
+import { parsePullArgs, runPull } from './pull.js';
+import { parseServeArgs, runServe } from './serve.js';
+import { packageVersion } from './version.js';
+
+const HELP: Readonly<Record<string, string>> = { serve: SERVE_HELP, pull: PULL_HELP };
+
+export async function main(argv: string[]): Promise<number> {
+  const out = (text: string): number => {
+    process.stdout.write(`${text}\n`);
+    return 0;
+  };
+  try {
+    const [command, ...rest] = argv;
+    switch (command) {
+      case undefined:
+        process.stderr.write(`${MAIN_HELP}\n`);
+        return 2;
+      case '-h':
+      case '--help':
+        return out(MAIN_HELP);
+      case '--version':
+        return out(packageVersion());
+      case 'help': {
+        if (rest.length === 0) return out(MAIN_HELP);
+        const text = HELP[rest[0]!];
+        if (text === undefined || rest.length > 1) throw usageError(`no help for ${JSON.stringify(rest.join(' '))}`);
+        return out(text);
+      }
+      case 'serve': {
+        const args = parseServeArgs(rest);
+        return args.help ? out(SERVE_HELP) : await runServe(args);
+      }
+      case 'pull': {
+        const args = parsePullArgs(rest);
+        return args.help ? out(PULL_HELP) : await runPull(args);
+      }
+      default:
+        throw usageError(`unknown command ${JSON.stringify(command)}`);
+    }
+  } catch (e) {
+    return reportFailure(asGuestpullError(e));
+  }
+}

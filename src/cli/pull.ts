@@ -1,0 +1,50 @@
+/**
+ * `guestpull pull IMAGE BUNDLE_DIR`: one pull through the same Puller the daemon uses. Prints the
+ * manifest digest on stdout; SIGINT/SIGTERM abort the pull (the bundle is left untouched).
+ */
+import path from 'node:path';
+import { ErrorCode, GuestpullError } from '../errors.js';
+import { COMMON_OPTIONS, commonFlags, loadSettings, makeLogger, parseFlags, type CommonFlags } from './common.js';
+import { usageError } from './exit-codes.js';
+import { packageVersion } from './version.js';
+
+export interface PullArgs extends CommonFlags {
+  image: string;
+  bundle: string;
+}
+
+export function parsePullArgs(args: string[]): PullArgs {
+  const { values, positionals } = parseFlags('pull', args, COMMON_OPTIONS);
+  const flags = commonFlags('pull', values);
+  if (flags.help) return { ...flags, image: '', bundle: '' };
+  if (positionals.length !== 2) {
+    throw usageError(`expected IMAGE and BUNDLE_DIR, got ${positionals.length} argument(s)`, 'pull');
+  }
+  const [image, bundle] = positionals as [string, string];
+  if (image === '' || bundle === '') throw usageError('IMAGE and BUNDLE_DIR must not be empty', 'pull');
+  return { ...flags, image, bundle: path.resolve(bundle) };
+}
+
+/** Resolves with the exit code after printing the digest. Throws GuestpullError. */
+export async function runPull(args: PullArgs, stdout: NodeJS.WritableStream = process.stdout): Promise<number> {
+  const loaded = await loadSettings(args);
+  const logger = makeLogger(args.logLevel ?? 'warn', loaded, args.config);
+  const { Puller } = await import('../pull/index.js');
+  const puller = new Puller({ config: loaded.config, logger, version: packageVersion() });
+
+  const controller = new AbortController();
+  const onSignal = (signal: NodeJS.Signals): void =>
+    controller.abort(new GuestpullError(ErrorCode.CANCELLED, `pull of ${args.image} interrupted by ${signal}`, { image: args.image }));
+  process.on('SIGINT', onSignal).on('SIGTERM', onSignal);
+  try {
+    const { manifestDigest } = await puller.pull(args.image, args.bundle, { signal: controller.signal });
+    stdout.write(`${manifestDigest}\n`);
+    return 0;
+  } catch (e) {
+    const reason: unknown = controller.signal.aborted ? controller.signal.reason : undefined;
+    throw reason instanceof GuestpullError ? reason : e;
+  } finally {
+    process.off('SIGINT', onSignal).off('SIGTERM', onSignal);
+    await puller.close();
+  }
+}

@@ -1,0 +1,78 @@
+/**
+ * `guestpull serve`: flags → configuration → Puller → gRPC server, until SIGTERM or SIGINT, then
+ * a graceful stop (10 s for running pulls) and exit 0.
+ */
+import { DEFAULT_SOCKET } from '../config/index.js';
+import { parseListenAddress, startServer, type RunningServer } from '../service/index.js';
+import { asGuestpullError } from '../errors.js';
+import { COMMON_OPTIONS, commonFlags, loadSettings, makeLogger, parseFlags, type CommonFlags } from './common.js';
+import { usageError } from './exit-codes.js';
+import { packageVersion } from './version.js';
+
+export interface ServeArgs extends CommonFlags {
+  listen?: string;
+}
+
+const STOP_GRACE_MS = 10_000;
+
+export function parseServeArgs(args: string[]): ServeArgs {
+  const { values, positionals } = parseFlags('serve', args, { ...COMMON_OPTIONS, listen: { type: 'string' } });
+  const parsed: ServeArgs = commonFlags('serve', values);
+  if (parsed.help) return parsed;
+  if (positionals.length > 0) throw usageError(`unexpected argument ${JSON.stringify(positionals[0])}`, 'serve');
+  if (values.listen !== undefined) {
+    try {
+      parseListenAddress(values.listen);
+    } catch (e) {
+      throw usageError(`--listen: ${asGuestpullError(e).message}`, 'serve');
+    }
+    parsed.listen = values.listen;
+  }
+  return parsed;
+}
+
+/** The first of `signals` to arrive; its listeners are removed afterwards. */
+function firstSignal(signals: NodeJS.Signals[]): Promise<NodeJS.Signals> {
+  return new Promise((resolve) => {
+    const handler = (signal: NodeJS.Signals): void => {
+      for (const s of signals) process.off(s, handler);
+      resolve(signal);
+    };
+    for (const s of signals) process.on(s, handler);
+  });
+}
+
+/** Resolves with the exit code once the daemon has stopped after a signal. Throws GuestpullError. */
+export async function runServe(args: ServeArgs): Promise<number> {
+  const loaded = await loadSettings(args);
+  const { config } = loaded;
+  const logger = makeLogger(args.logLevel ?? config.log.level ?? 'info', loaded, args.config);
+  const version = packageVersion();
+  const listen = args.listen ?? config.socket ?? DEFAULT_SOCKET;
+  parseListenAddress(listen); // a bad `socket` in cdh.toml is a CONFIG error before anything starts
+
+  // Loaded here rather than at the top so --help and flag errors never pay for the pull stack.
+  const { Puller } = await import('../pull/index.js');
+  const puller = new Puller({ config, logger, version });
+  let server: RunningServer;
+  try {
+    server = await startServer({ listen, puller, logger, version });
+  } catch (e) {
+    await puller.close();
+    throw e;
+  }
+  logger.info({ event: 'listening', address: server.address, version, workDir: config.image.workDir }, 'listening');
+
+  const stopSignal = await firstSignal(['SIGTERM', 'SIGINT']);
+  logger.info({ event: 'stopping', signal: stopSignal, graceMs: STOP_GRACE_MS }, 'stopping');
+  // A second signal while stopping is swallowed: the stop is bounded by the grace period.
+  const ignore = (): void => logger.warn({ event: 'signal_ignored' }, 'already stopping');
+  process.on('SIGTERM', ignore).on('SIGINT', ignore);
+  try {
+    await server.stop(STOP_GRACE_MS);
+    await puller.close();
+  } finally {
+    process.off('SIGTERM', ignore).off('SIGINT', ignore);
+  }
+  return 0;
+}
