@@ -19,7 +19,7 @@ import { pushImage, pushIndex } from '../helpers/push.js';
 import { hasRegistryBinary, startRegistry, type RunningRegistry } from '../helpers/registry.js';
 import { diffTrees, snapshotTree, type TreeEntry } from '../helpers/tree.js';
 import { hasSkopeoUmoci, referenceUnpack } from '../helpers/umoci.js';
-import { goarch, richImage, twoPlatformIndex } from './fixtures.js';
+import { goarch, richConfig, richImage, richLayers, twoPlatformIndex } from './fixtures.js';
 
 const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 
@@ -76,6 +76,9 @@ beforeAll(async () => {
   richDigest = await pushImage(registry.url, 'fixtures/rich', 'v1', rich);
   richDocker = await richImage('docker');
   richDockerDigest = await pushImage(registry.url, 'fixtures/rich-docker', 'v1', richDocker);
+  const plain = await buildImage({ layers: richLayers, config: richConfig, compression: 'none' });
+  expect(plain.layers.map((l) => l.mediaType)).toEqual(richLayers.map(() => 'application/vnd.oci.image.layer.v1.tar'));
+  await pushImage(registry.url, 'fixtures/rich-plain', 'v1', plain);
   multi = await twoPlatformIndex('oci');
   await pushIndex(registry.url, 'fixtures/multi', 'v1', multi);
   bigA = await buildSyntheticImage({ seed: 1, layers: 2, totalBytes: 24 << 20, files: 300 });
@@ -191,9 +194,9 @@ describe('PullImage from a real registry', () => {
     expect(await readFile(path.join(bundle, 'rootfs/platform'), 'utf8')).toBe(`${goarch()}\n`);
   });
 
-  it('gives the same tree as skopeo copy + umoci unpack, for an OCI and a Docker image', async () => {
+  it('gives the same tree as skopeo copy + umoci unpack, for OCI gzip, Docker gzip and OCI plain-tar images', async () => {
     if (!hasSkopeoUmoci()) throw new Error('skopeo and umoci are required: apt-get install skopeo umoci');
-    for (const repo of ['fixtures/rich', 'fixtures/rich-docker']) {
+    for (const repo of ['fixtures/rich', 'fixtures/rich-docker', 'fixtures/rich-plain']) {
       const bundle = newBundle();
       await client.pullImage(`${registry.host}/${repo}:v1`, bundle);
       const refDir = await mkdtemp(path.join(tmp, 'umoci-'));
