@@ -172,3 +172,17 @@ export function snapshot(dir: string): string[] {
   walk(dir);
   return out;
 }
+
+/** Sorted relative paths of everything under `root` (symlinks not followed). */
+export function listTree(root: string): string[] {
+  const out: string[] = [];
+  const walk = (d: string): void => {
+    for (const n of fs.readdirSync(d)) {
+      const p = path.join(d, n);
+      out.push(path.relative(root, p));
+      if (fs.lstatSync(p).isDirectory()) walk(p);
+    }
+  };
+  walk(root);
+  return out.sort();
+}

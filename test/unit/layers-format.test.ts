@@ -10,7 +10,7 @@ import zlib from 'node:zlib';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { ErrorCode, GuestpullError } from '../../src/errors.js';
 import { MediaType } from '../../src/oci.js';
-import { applyTar, dataBlocks, LAYER_DIGEST, packTar, paxData, rawHeader, rawTar, sha256 } from './_layers-tar.js';
+import { applyTar, dataBlocks, LAYER_DIGEST, packTar, paxData, rawHeader, rawTar, sha256, listTree } from './_layers-tar.js';
 
 let base: string;
 let root: string;
@@ -25,18 +25,7 @@ afterEach(() => {
 });
 
 const at = (p: string): string => path.join(root, p);
-function tree(): string[] {
-  const out: string[] = [];
-  const walk = (d: string): void => {
-    for (const n of fs.readdirSync(d)) {
-      const p = path.join(d, n);
-      out.push(path.relative(root, p));
-      if (fs.lstatSync(p).isDirectory()) walk(p);
-    }
-  };
-  walk(root);
-  return out.sort();
-}
+const tree = (): string[] => listTree(root);
 
 describe('applyLayer: compression and digests', () => {
   it('applies an uncompressed layer and reports entries and bytes', async () => {

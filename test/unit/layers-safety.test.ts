@@ -6,7 +6,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { applyTar, packTar, snapshot, type PackEntry } from './_layers-tar.js';
+import { applyTar, packTar, snapshot, type PackEntry, listTree } from './_layers-tar.js';
 
 let base: string;
 let root: string;
@@ -37,18 +37,7 @@ const at = (p: string): string => path.join(root, p);
 const apply = async (entries: PackEntry[]): Promise<void> => {
   await applyTar(root, await packTar(entries));
 };
-function tree(): string[] {
-  const out: string[] = [];
-  const walk = (d: string): void => {
-    for (const n of fs.readdirSync(d)) {
-      const p = path.join(d, n);
-      out.push(path.relative(root, p));
-      if (fs.lstatSync(p).isDirectory()) walk(p);
-    }
-  };
-  walk(root);
-  return out.sort();
-}
+const tree = (): string[] => listTree(root);
 
 describe('applyLayer: breakout attempts stay inside the rootfs', () => {
   it('clamps ../../x to the root', async () => {

@@ -7,7 +7,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { createLogger } from '../../src/log.js';
-import { applyTar, packTar, type PackEntry } from './_layers-tar.js';
+import { applyTar, packTar, type PackEntry, listTree } from './_layers-tar.js';
 
 const isRoot = process.getuid?.() === 0;
 let base: string;
@@ -27,18 +27,7 @@ const apply = async (entries: PackEntry[]): Promise<void> => {
   await applyTar(root, await packTar(entries));
 };
 /** Sorted relative paths of everything under the root. */
-function tree(): string[] {
-  const out: string[] = [];
-  const walk = (d: string): void => {
-    for (const n of fs.readdirSync(d)) {
-      const p = path.join(d, n);
-      out.push(path.relative(root, p));
-      if (fs.lstatSync(p).isDirectory()) walk(p);
-    }
-  };
-  walk(root);
-  return out.sort();
-}
+const tree = (): string[] => listTree(root);
 function expectFile(p: string, content: string, mode: number, uid = 0, gid = 0): fs.Stats {
   const st = fs.lstatSync(at(p));
   expect(st.isFile(), `${p} is a file`).toBe(true);
