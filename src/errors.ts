@@ -33,6 +33,8 @@ export const ErrorCode = {
   CANCELLED: 'CANCELLED',
   /** A feature we do not implement (yet). */
   UNIMPLEMENTED: 'UNIMPLEMENTED',
+  /** The init-data document's digest does not match the value bound into the TEE. */
+  INITDATA_MISMATCH: 'INITDATA_MISMATCH',
   /** A bug or an unexpected local failure. */
   INTERNAL: 'INTERNAL',
 } as const;

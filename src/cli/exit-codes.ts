@@ -10,6 +10,7 @@
  *   5  network or timeout (UNAVAILABLE, DEADLINE_EXCEEDED)
  *   6  image data (DIGEST_MISMATCH, BAD_IMAGE)
  *   7  permission or authentication (PERMISSION_DENIED, UNAUTHENTICATED)
+ *   8  init-data digest does not match the TEE (INITDATA_MISMATCH): refused to run
  */
 import { ErrorCode, GuestpullError } from '../errors.js';
 
@@ -31,6 +32,7 @@ const TABLE: Readonly<Record<ErrorCode, number>> = {
   BAD_IMAGE: 6,
   PERMISSION_DENIED: 7,
   UNAUTHENTICATED: 7,
+  INITDATA_MISMATCH: 8,
 };
 
 export function exitCodeFor(code: ErrorCode): number {
@@ -46,7 +48,8 @@ export const EXIT_CODES_HELP = `Exit codes:
   4  not found (repository, tag, digest or platform)
   5  network or timeout (registry or proxy unreachable)
   6  image data (digest mismatch, malformed or hostile image content)
-  7  permission or authentication (blocked by configuration, credentials missing or refused)`;
+  7  permission or authentication (blocked by configuration, credentials missing or refused)
+  8  init-data refused: its digest does not match the value bound into the TEE`;
 
 /** A usage error: exit 2, message points at --help. */
 export function usageError(message: string, command?: string): GuestpullError {

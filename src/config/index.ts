@@ -28,6 +28,22 @@ export interface ImagePullProxy {
   noProxy?: string;
 }
 
+/** Network behaviour for registry and proxy traffic (guestpull extensions under [image]). */
+export interface NetworkConfig {
+  connectTimeoutMs: number;
+  headersTimeoutMs: number;
+  idleTimeoutMs: number;
+  /** Attempts per request, the first included, for connection errors, 5xx and 429. */
+  maxAttempts: number;
+}
+
+export const DEFAULT_NETWORK: NetworkConfig = {
+  connectTimeoutMs: 30_000,
+  headersTimeoutMs: 60_000,
+  idleTimeoutMs: 60_000,
+  maxAttempts: 5,
+};
+
 export interface Config {
   socket?: string;
   log: { level?: string };
@@ -39,6 +55,9 @@ export interface Config {
     registryConfig?: RegistriesConf;
     registryConfigurationUri?: string;
     authenticatedRegistryCredentialsUri?: string;
+    /** An auth.json document given inline (JSON text). */
+    authenticatedRegistryCredentials?: string;
+    network: NetworkConfig;
     imageSecurityPolicy?: string;
     imageSecurityPolicyUri?: string;
     sigstoreConfig?: string;
@@ -61,6 +80,7 @@ export function defaultConfig(): Config {
       workDir: DEFAULT_WORK_DIR,
       maxConcurrentLayerDownloadsPerImage: DEFAULT_MAX_CONCURRENT_LAYER_DOWNLOADS,
       extraRootCertificates: [],
+      network: { ...DEFAULT_NETWORK },
     },
   };
 }
@@ -168,6 +188,13 @@ export function parseConfig(tomlText: string, source: string): LoadedConfig {
       registryConfig,
       registryConfigurationUri: img.registry_configuration_uri,
       authenticatedRegistryCredentialsUri: img.authenticated_registry_credentials_uri,
+      authenticatedRegistryCredentials: img.authenticated_registry_credentials,
+      network: {
+        connectTimeoutMs: secs(img.connect_timeout_secs) ?? DEFAULT_NETWORK.connectTimeoutMs,
+        headersTimeoutMs: secs(img.headers_timeout_secs) ?? DEFAULT_NETWORK.headersTimeoutMs,
+        idleTimeoutMs: secs(img.idle_timeout_secs) ?? DEFAULT_NETWORK.idleTimeoutMs,
+        maxAttempts: img.max_attempts ?? DEFAULT_NETWORK.maxAttempts,
+      },
       imageSecurityPolicy: img.image_security_policy,
       imageSecurityPolicyUri: img.image_security_policy_uri,
       sigstoreConfig: img.sigstore_config,
@@ -216,6 +243,10 @@ function hasPath(v: unknown, keys: readonly string[]): boolean {
     cur = (cur as Record<string, unknown>)[k];
   }
   return true;
+}
+
+function secs(s: number | undefined): number | undefined {
+  return s === undefined ? undefined : Math.round(s * 1000);
 }
 
 /** Drop keys whose value is undefined, so optional fields are absent rather than `undefined`. */

@@ -58,6 +58,13 @@ export const ImageSection = z.object({
   registry_config: Table.optional(),
   registry_configuration_uri: z.string().optional(),
   authenticated_registry_credentials_uri: z.string().optional(),
+  /** guestpull extension: the auth.json document inline (a JSON string), instead of a URI. */
+  authenticated_registry_credentials: z.string().optional(),
+  /** guestpull extensions: network timeouts (seconds) and attempts per request. */
+  connect_timeout_secs: z.number().positive().max(3600).optional(),
+  headers_timeout_secs: z.number().positive().max(3600).optional(),
+  idle_timeout_secs: z.number().positive().max(3600).optional(),
+  max_attempts: z.number().int().min(1).max(20).optional(),
   image_security_policy: z.string().optional(),
   image_security_policy_uri: z.string().optional(),
   sigstore_config: z.string().optional(),

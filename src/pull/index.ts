@@ -29,6 +29,11 @@ export interface PullerOptions {
   config: Config;
   logger: Logger;
   version: string;
+  /**
+   * Warnings repeated at the start of every pull (e.g. that the configuration is unmeasured), so
+   * they stand next to each pull in the log, not only at start-up.
+   */
+  pullWarnings?: string[];
 }
 
 /** Upper bound for an image config blob (image-spec configs are small; 4 MiB as for manifests). */
@@ -64,13 +69,21 @@ export class Puller {
   private readonly transport: Transport;
   private readonly inflight = new Map<string, { image: string; promise: Promise<PullResult> }>();
   private workDir: Promise<string> | undefined;
+  private readonly pullWarnings: string[];
 
   constructor(opts: PullerOptions) {
     refuseUnsupported(opts.config);
     this.config = opts.config;
     this.logger = opts.logger;
+    this.pullWarnings = opts.pullWarnings ?? [];
     this.transport = new Transport(
-      { extraRootCertificates: opts.config.image.extraRootCertificates, userAgent: `guestpull/${opts.version}` },
+      {
+        extraRootCertificates: opts.config.image.extraRootCertificates,
+        userAgent: `guestpull/${opts.version}`,
+        connectTimeoutMs: opts.config.image.network.connectTimeoutMs,
+        headersTimeoutMs: opts.config.image.network.headersTimeoutMs,
+        bodyTimeoutMs: opts.config.image.network.idleTimeoutMs,
+      },
       opts.logger,
     );
   }
@@ -103,6 +116,7 @@ export class Puller {
   private async pullInto(ref: ImageReference, image: string, bundle: string, signal?: AbortSignal): Promise<PullResult> {
     const started = Date.now();
     const log = this.logger.child({ image, bundle });
+    for (const w of this.pullWarnings) log.warn(w);
     this.workDir ??= openWorkDir(this.config.image.workDir);
     await this.workDir;
     await checkBundleFree(bundle);

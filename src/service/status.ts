@@ -17,6 +17,7 @@
  *   DEADLINE_EXCEEDED                   -> DEADLINE_EXCEEDED
  *   CANCELLED                           -> CANCELLED
  *   UNIMPLEMENTED                       -> UNIMPLEMENTED
+ *   INITDATA_MISMATCH                   -> FAILED_PRECONDITION (start-up only; never reaches a call)
  *   INTERNAL                            -> INTERNAL            a bug or unexpected local failure
  */
 import { status } from '@grpc/grpc-js';
@@ -37,6 +38,7 @@ const TABLE: Readonly<Record<ErrorCode, status>> = {
   DEADLINE_EXCEEDED: status.DEADLINE_EXCEEDED,
   CANCELLED: status.CANCELLED,
   UNIMPLEMENTED: status.UNIMPLEMENTED,
+  INITDATA_MISMATCH: status.FAILED_PRECONDITION,
   INTERNAL: status.INTERNAL,
 };
 

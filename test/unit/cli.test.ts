@@ -147,6 +147,7 @@ describe('flag parsing', () => {
       [ErrorCode.INVALID_ARGUMENT, 2], [ErrorCode.INVALID_REFERENCE, 2], [ErrorCode.ALREADY_EXISTS, 2],
       [ErrorCode.CONFIG, 3], [ErrorCode.NOT_FOUND, 4], [ErrorCode.UNAVAILABLE, 5], [ErrorCode.DEADLINE_EXCEEDED, 5],
       [ErrorCode.DIGEST_MISMATCH, 6], [ErrorCode.BAD_IMAGE, 6], [ErrorCode.PERMISSION_DENIED, 7], [ErrorCode.UNAUTHENTICATED, 7],
+      [ErrorCode.INITDATA_MISMATCH, 8],
     ];
     expect(new Set(table.map(([c]) => c))).toEqual(new Set(Object.values(ErrorCode)));
     for (const [code, exit] of table) expect(exitCodeFor(code), code).toBe(exit);

@@ -103,6 +103,7 @@ describe('PullImage', () => {
     [ErrorCode.DEADLINE_EXCEEDED, grpc.status.DEADLINE_EXCEEDED],
     [ErrorCode.CANCELLED, grpc.status.CANCELLED],
     [ErrorCode.UNIMPLEMENTED, grpc.status.UNIMPLEMENTED],
+    [ErrorCode.INITDATA_MISMATCH, grpc.status.FAILED_PRECONDITION],
     [ErrorCode.INTERNAL, grpc.status.INTERNAL],
   ];
 
