@@ -1,15 +1,21 @@
 /**
- * Command dispatch for the guestpull CLI: `serve`, `pull`, `help`, `--help`, `--version`.
+ * Command dispatch for the guestpull CLI: `serve`, `pull`, `initdata …`, `help`, `--help`, `--version`.
  * Every failure leaves as one stderr line and an exit code from ./exit-codes.ts.
  */
 import { asGuestpullError } from '../errors.js';
 import { reportFailure, usageError } from './exit-codes.js';
-import { MAIN_HELP, PULL_HELP, SERVE_HELP } from './help.js';
+import { INITDATA_HELP, MAIN_HELP, PULL_HELP, SERVE_HELP } from './help.js';
+import { INITDATA_SUBCOMMAND_HELP, runInitdata } from './initdata.js';
 import { parsePullArgs, runPull } from './pull.js';
 import { parseServeArgs, runServe } from './serve.js';
 import { packageVersion } from './version.js';
 
-const HELP: Readonly<Record<string, string>> = { serve: SERVE_HELP, pull: PULL_HELP };
+const HELP: Readonly<Record<string, string>> = {
+  serve: SERVE_HELP,
+  pull: PULL_HELP,
+  initdata: INITDATA_HELP,
+  ...Object.fromEntries(Object.entries(INITDATA_SUBCOMMAND_HELP).map(([k, v]) => [`initdata ${k}`, v])),
+};
 
 export async function main(argv: string[]): Promise<number> {
   const out = (text: string): number => {
@@ -29,8 +35,9 @@ export async function main(argv: string[]): Promise<number> {
         return out(packageVersion());
       case 'help': {
         if (rest.length === 0) return out(MAIN_HELP);
-        const text = HELP[rest[0]!];
-        if (text === undefined || rest.length > 1) throw usageError(`no help for ${JSON.stringify(rest.join(' '))}`);
+        const topic = rest.join(' ');
+        const text = Object.hasOwn(HELP, topic) ? HELP[topic] : undefined;
+        if (text === undefined) throw usageError(`no help for ${JSON.stringify(topic)}`);
         return out(text);
       }
       case 'serve': {
@@ -41,6 +48,8 @@ export async function main(argv: string[]): Promise<number> {
         const args = parsePullArgs(rest);
         return args.help ? out(PULL_HELP) : await runPull(args);
       }
+      case 'initdata':
+        return await runInitdata(rest);
       default:
         throw usageError(`unknown command ${JSON.stringify(command)}`);
     }

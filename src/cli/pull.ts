@@ -1,11 +1,14 @@
 /**
- * `guestpull pull IMAGE BUNDLE_DIR`: one pull through the same Puller the daemon uses. Prints the
- * manifest digest on stdout; SIGINT/SIGTERM abort the pull (the bundle is left untouched).
+ * `guestpull pull IMAGE BUNDLE_DIR`: one pull through the same Puller the daemon uses, with the same
+ * configuration sources (init-data, --config, defaults). Prints the manifest digest on stdout;
+ * SIGINT/SIGTERM abort the pull (the bundle is left untouched).
  */
 import path from 'node:path';
 import { ErrorCode, GuestpullError } from '../errors.js';
-import { COMMON_OPTIONS, commonFlags, loadSettings, makeLogger, parseFlags, type CommonFlags } from './common.js';
+import { createLogger } from '../log.js';
+import { COMMON_OPTIONS, commonFlags, parseFlags, type CommonFlags } from './common.js';
 import { usageError } from './exit-codes.js';
+import { loadSettings, makeLogger, type SettingsOptions } from './settings.js';
 import { packageVersion } from './version.js';
 
 export interface PullArgs extends CommonFlags {
@@ -26,11 +29,16 @@ export function parsePullArgs(args: string[]): PullArgs {
 }
 
 /** Resolves with the exit code after printing the digest. Throws GuestpullError. */
-export async function runPull(args: PullArgs, stdout: NodeJS.WritableStream = process.stdout): Promise<number> {
-  const loaded = await loadSettings(args);
-  const logger = makeLogger(args.logLevel ?? 'warn', loaded, args.config);
+export async function runPull(
+  args: PullArgs,
+  stdout: NodeJS.WritableStream = process.stdout,
+  hooks: Partial<SettingsOptions> = {},
+): Promise<number> {
+  const level = args.logLevel ?? 'warn';
+  const settings = await loadSettings(args, { logger: createLogger({ level }), ...hooks });
+  const logger = makeLogger(level, settings);
   const { Puller } = await import('../pull/index.js');
-  const puller = new Puller({ config: loaded.config, logger, version: packageVersion() });
+  const puller = new Puller({ config: settings.loaded.config, logger, version: packageVersion(), pullWarnings: settings.pullWarnings });
 
   const controller = new AbortController();
   const onSignal = (signal: NodeJS.Signals): void =>

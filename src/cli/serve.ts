@@ -1,12 +1,15 @@
 /**
- * `guestpull serve`: flags → configuration → Puller → gRPC server, until SIGTERM or SIGINT, then
- * a graceful stop (10 s for running pulls) and exit 0.
+ * `guestpull serve`: flags → configuration (init-data verified and installed, or --config) →
+ * Puller → gRPC server, until SIGTERM or SIGINT, then a graceful stop (10 s for running pulls) and
+ * exit 0. Init-data that does not match the TEE stops it before anything is written or listens.
  */
 import { DEFAULT_SOCKET } from '../config/index.js';
 import { parseListenAddress, startServer, type RunningServer } from '../service/index.js';
 import { asGuestpullError } from '../errors.js';
-import { COMMON_OPTIONS, commonFlags, loadSettings, makeLogger, parseFlags, type CommonFlags } from './common.js';
+import { createLogger } from '../log.js';
+import { COMMON_OPTIONS, commonFlags, parseFlags, type CommonFlags } from './common.js';
 import { usageError } from './exit-codes.js';
+import { loadSettings, makeLogger, type SettingsOptions } from './settings.js';
 import { packageVersion } from './version.js';
 
 export interface ServeArgs extends CommonFlags {
@@ -43,17 +46,17 @@ function firstSignal(signals: NodeJS.Signals[]): Promise<NodeJS.Signals> {
 }
 
 /** Resolves with the exit code once the daemon has stopped after a signal. Throws GuestpullError. */
-export async function runServe(args: ServeArgs): Promise<number> {
-  const loaded = await loadSettings(args);
-  const { config } = loaded;
-  const logger = makeLogger(args.logLevel ?? config.log.level ?? 'info', loaded, args.config);
+export async function runServe(args: ServeArgs, hooks: Partial<SettingsOptions> = {}): Promise<number> {
+  const settings = await loadSettings(args, { logger: createLogger({ level: args.logLevel ?? 'info' }), ...hooks });
+  const { config } = settings.loaded;
+  const logger = makeLogger(args.logLevel ?? config.log.level ?? 'info', settings);
   const version = packageVersion();
   const listen = args.listen ?? config.socket ?? DEFAULT_SOCKET;
   parseListenAddress(listen); // a bad `socket` in cdh.toml is a CONFIG error before anything starts
 
   // Loaded here rather than at the top so --help and flag errors never pay for the pull stack.
   const { Puller } = await import('../pull/index.js');
-  const puller = new Puller({ config, logger, version });
+  const puller = new Puller({ config, logger, version, pullWarnings: settings.pullWarnings });
   let server: RunningServer;
   try {
     server = await startServer({ listen, puller, logger, version });

@@ -71,6 +71,11 @@ export interface LoadedConfig {
   warnings: string[];
   /** Keys present in the file that are valid cdh.toml but not acted on (dotted paths). */
   ignored: string[];
+  /**
+   * Whether the document had an `[image]` table. The kernel command line fallbacks
+   * (./cmdline.ts) apply only when it had none (no document at all counts as none).
+   */
+  hasImageSection: boolean;
 }
 
 export function defaultConfig(): Config {
@@ -83,6 +88,11 @@ export function defaultConfig(): Config {
       network: { ...DEFAULT_NETWORK },
     },
   };
+}
+
+/** The defaults as a LoadedConfig: what applies when there is no cdh.toml at all (no `[image]` either). */
+export function defaultLoadedConfig(): LoadedConfig {
+  return { config: defaultConfig(), warnings: [], ignored: [], hasImageSection: false };
 }
 
 /** TOML words for zod's type names. */
@@ -204,7 +214,7 @@ export function parseConfig(tomlText: string, source: string): LoadedConfig {
 
   const warnings = unknownKeys(CdhToml, raw).map((k) => `unknown key ${k} in ${source} (ignored)`);
   const ignored = IGNORED_KEYS.filter((k) => hasPath(raw, k.split('.')));
-  return { config, warnings, ignored };
+  return { config, warnings, ignored, hasImageSection: doc.image !== undefined };
 }
 
 /** Read and parse a cdh.toml file. Missing or unreadable files are CONFIG errors. */
