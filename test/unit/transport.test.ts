@@ -17,6 +17,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { ErrorCode, GuestpullError } from '../../src/errors.js';
 import { silentLogger } from '../../src/log.js';
 import { loggableUrl, redirectTarget, sameOrigin, Transport, type TransportOptions } from '../../src/pull/distribution/transport/index.js';
+import { createPki, type Pki } from '../helpers/tls.js';
 
 type Handler = (req: http.IncomingMessage, res: http.ServerResponse) => void;
 interface TestServer {
@@ -28,6 +29,12 @@ const cleanups: Array<() => Promise<void>> = [];
 afterEach(async () => {
   while (cleanups.length) await cleanups.pop()!();
 });
+
+let pki: Pki;
+beforeAll(() => {
+  pki = createPki('guestpull-transport-pki-');
+});
+afterAll(() => pki.cleanup());
 
 async function listen(server: http.Server | https.Server, scheme: 'http' | 'https'): Promise<TestServer> {
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
@@ -169,7 +176,7 @@ describe('redirects', () => {
 describe('network errors', () => {
   it('names a refused connection and the origin', async () => {
     const port = await freePort();
-    const err = await rejection(transport().request({ url: `http://127.0.0.1:${port}/v2/` }));
+    const err = await rejection(transport({ maxAttempts: 1 }).request({ url: `http://127.0.0.1:${port}/v2/` }));
     expect(err.code).toBe(ErrorCode.UNAVAILABLE);
     expect(err.message).toContain(`http://127.0.0.1:${port}`);
     expect(err.message).toContain('connection refused');
@@ -184,7 +191,7 @@ describe('network errors', () => {
 
   it('times out waiting for headers', async () => {
     const srv = await serve(() => undefined);
-    const err = await rejection(transport({ headersTimeoutMs: 200 }).request({ url: `${srv.url}/slow` }));
+    const err = await rejection(transport({ headersTimeoutMs: 200, maxAttempts: 1 }).request({ url: `${srv.url}/slow` }));
     expect(err.code).toBe(ErrorCode.UNAVAILABLE);
     expect(err.message).toMatch(/timed out waiting 200 ms for response headers/);
   });
@@ -226,14 +233,50 @@ describe('network errors', () => {
     expect(await rejection(p2)).toBe(reason);
   });
 
-  it('rejects an unusable extra root certificate at construction', () => {
-    expect(() => new Transport({ extraRootCertificates: ['-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----\n'] }, silentLogger())).toThrow(
-      /extra_root_certificates entry 1/,
-    );
+  it('rejects an unusable extra root certificate at construction, naming its index', () => {
+    const good = readFileSync(path.join(pki.dir, 'ca.pem'), 'utf8');
+    const cases: Array<[string[], RegExp]> = [
+      [['-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----\n'], /^\[image\] extra_root_certificates\[0\]: not a PEM certificate: /],
+      [[good, good, 'hello'], /^\[image\] extra_root_certificates\[2\]: not a PEM certificate: no "-----BEGIN CERTIFICATE-----"/],
+      [[good, `${good}-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n`], /extra_root_certificates\[1\]/],
+    ];
+    for (const [pems, re] of cases) {
+      let err: unknown;
+      try {
+        new Transport({ extraRootCertificates: pems }, silentLogger());
+      } catch (e) {
+        err = e;
+      }
+      expect(err).toBeInstanceOf(GuestpullError);
+      expect((err as GuestpullError).code).toBe(ErrorCode.CONFIG);
+      expect((err as GuestpullError).message).toMatch(re);
+    }
+    expect(() => transport({ extraRootCertificates: [good, pki.selfSignedCaLeaf.cert] })).not.toThrow();
   });
 });
 
 describe('TLS', () => {
+  it('trusts a server certificate signed by a private CA only when the CA is configured', async () => {
+    const srv = await listen(https.createServer({ cert: pki.server.cert, key: pki.server.key }, (_req, res) => res.end('ca-signed')), 'https');
+    const err = await rejection(transport().request({ url: `${srv.url}/v2/` }));
+    expect(err.message).toMatch(/the certificate of 127\.0\.0\.1:\d+ is not trusted \(UNABLE_TO_(?:VERIFY_LEAF_SIGNATURE|GET_ISSUER_CERT_LOCALLY)\)/);
+    expect(err.message).toContain('[image] extra_root_certificates');
+    const res = await transport({ extraRootCertificates: [pki.ca.cert] }).request({ url: `${srv.url}/v2/` });
+    expect(await text(res.body)).toBe('ca-signed');
+    // The server's own certificate is not a CA: trusting it instead of its issuer does not help.
+    const wrong = await rejection(transport({ extraRootCertificates: [pki.server.cert] }).request({ url: `${srv.url}/v2/` }));
+    expect(wrong.message).toContain('not trusted');
+  });
+
+  it('accepts a self-signed CA:TRUE certificate used directly as the server certificate', async () => {
+    const leaf = pki.selfSignedCaLeaf;
+    const srv = await listen(https.createServer({ cert: leaf.cert, key: leaf.key }, (_req, res) => res.end('self-signed')), 'https');
+    const err = await rejection(transport().request({ url: `${srv.url}/v2/` }));
+    expect(err.message).toMatch(/not trusted \(DEPTH_ZERO_SELF_SIGNED_CERT\)/);
+    const res = await transport({ extraRootCertificates: [leaf.cert] }).request({ url: `${srv.url}/v2/` });
+    expect(await text(res.body)).toBe('self-signed');
+  });
+
   let dir: string;
   let cert: string;
   let key: string;
@@ -307,12 +350,14 @@ describe('headers and logging', () => {
     const res = await transport({ version: '9.9.9' }, logger).request({ url: `${srv.url}/r`, headers: { authorization: 'Bearer TOPSECRET' } });
     await text(res.body);
     expect(ua).toBe('guestpull/9.9.9');
-    expect(lines).toHaveLength(1);
-    const ev = JSON.parse(lines[0]!) as Record<string, unknown>;
+    const events = lines.map((l) => JSON.parse(l) as Record<string, unknown>);
+    expect(events.map((e) => e.msg)).toEqual(['route to registry: direct', 'http request']);
+    expect(events[0]).toMatchObject({ origin: srv.url, route: 'direct' });
+    const ev = events[1]!;
     expect(ev).toMatchObject({ method: 'GET', status: 200, redirects: 1, url: `${srv.url}/final?…` });
     expect(typeof ev.ms).toBe('number');
-    expect(lines[0]).not.toContain('TOPSECRET');
-    expect(lines[0]).not.toContain('s3cr3t');
+    expect(lines.join('')).not.toContain('TOPSECRET');
+    expect(lines.join('')).not.toContain('s3cr3t');
     expect(loggableUrl('https://u:p@h.example/a?b=c')).toBe('https://***:***@h.example/a?…');
   });
 });

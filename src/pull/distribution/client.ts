@@ -1,7 +1,8 @@
 /**
  * The OCI distribution client for one repository at one API base: manifests (bounded, digest
- * computed and, for by-digest pulls, verified) and blobs (streams verified as they pass), with
- * 401 challenges answered once per request and registry errors mapped to GuestpullError codes.
+ * computed and, for by-digest pulls, verified) and blobs (streams verified as they pass, resumed
+ * with `Range` when the connection breaks mid-body), with 401 challenges answered once per request
+ * and registry errors mapped to GuestpullError codes.
  */
 import type { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
@@ -11,7 +12,7 @@ import type { Logger } from '../../log.js';
 import { isValidDigest, MANIFEST_ACCEPT, parseDigest, type Descriptor } from '../../oci.js';
 import { Authenticator, type Credentials } from './auth.js';
 import { classifyManifest, contentTypeOf } from './manifest.js';
-import type { HttpResponse, Transport } from './transport/index.js';
+import { retryReason, sleep, type HttpResponse, type Transport } from './transport/index.js';
 import { digestOf, readBounded, VerifyingStream } from './verify.js';
 
 export type { Credentials } from './auth.js';
@@ -118,12 +119,42 @@ export class RegistryClient {
     return { digest, mediaType, bytes };
   }
 
-  /** A stream of exactly `desc.size` bytes whose digest is `desc.digest`; it errors (DIGEST_MISMATCH) otherwise. */
+  /**
+   * A stream of exactly `desc.size` bytes whose digest is `desc.digest`; it errors (DIGEST_MISMATCH)
+   * otherwise. When the body breaks off (reset, idle timeout), the download goes on where it
+   * stopped: `Range: bytes=<received>-` (unless the server said `Accept-Ranges: none`); a 206 is
+   * appended, a 200 (Range ignored) is read from the start and its first <received> bytes are
+   * dropped. The consumer sees one seamless stream and the digest covers exactly the bytes it
+   * received, each once. Interruptions without progress count against `transport.maxAttempts`.
+   */
   async getBlob(desc: Descriptor, signal?: AbortSignal): Promise<Readable> {
     const started = performance.now();
     parseDigest(desc.digest);
     const what = `blob ${desc.digest} of ${this.image} from ${this.origin}`;
-    const res = await this.send(this.url('blobs', desc.digest), {}, { kind: 'blob', ref: desc.digest }, signal);
+    const url = this.url('blobs', desc.digest);
+    const res = await this.send(url, {}, { kind: 'blob', ref: desc.digest }, signal);
+    this.checkBlobLength(res, desc, what);
+    const verifier = new VerifyingStream({
+      digest: desc.digest,
+      size: desc.size,
+      what,
+      onVerified: (bytes) =>
+        this.logger.debug({ image: this.image, digest: desc.digest, bytes, ms: Math.round(performance.now() - started) }, 'blob fetched'),
+    });
+    // When the consumer goes away, stop at once: whichever body is being read, a backoff sleep, a resume request.
+    const stop = new AbortController();
+    const current = { body: res.body };
+    verifier.once('close', () => {
+      stop.abort();
+      current.body.destroy();
+    });
+    const sig = signal ? AbortSignal.any([signal, stop.signal]) : stop.signal;
+    // Errors reach the consumer through `verifier`; the promise itself has nobody to tell.
+    pipeline(this.blobChunks(res, current, desc, url, what, sig), verifier).catch(() => undefined);
+    return verifier;
+  }
+
+  private checkBlobLength(res: HttpResponse, desc: Descriptor, what: string): void {
     const announced = contentLength(res);
     if (announced !== undefined && announced !== desc.size) {
       res.body.destroy();
@@ -132,16 +163,85 @@ export class RegistryClient {
         layer: desc.digest,
       });
     }
-    const verifier = new VerifyingStream({
-      digest: desc.digest,
-      size: desc.size,
-      what,
-      onVerified: (bytes) =>
-        this.logger.debug({ image: this.image, digest: desc.digest, bytes, ms: Math.round(performance.now() - started) }, 'blob fetched'),
-    });
-    // Errors reach the consumer through `verifier`; the promise itself has nobody to tell.
-    pipeline(res.body, verifier).catch(() => undefined);
-    return verifier;
+  }
+
+  /** The blob's bytes in order, each once, across as many responses as interruptions need. */
+  private async *blobChunks(
+    first: HttpResponse,
+    current: { body: Readable },
+    desc: Descriptor,
+    url: string,
+    what: string,
+    signal: AbortSignal,
+  ): AsyncGenerator<Buffer> {
+    let res = first;
+    const ranges = !/\bnone\b/i.test(headerText(first.headers['accept-ranges']));
+    let received = 0;
+    /** Bytes at the start of the current body that the consumer already has. */
+    let skip = 0;
+    /** Interruptions in a row without a byte of progress. */
+    let streak = 0;
+    let attempt = 1;
+    try {
+      for (;;) {
+        const before = received;
+        try {
+          for await (const c of res.body) {
+            let chunk = c as Buffer;
+            if (skip > 0) {
+              const n = Math.min(skip, chunk.length);
+              skip -= n;
+              chunk = chunk.subarray(n);
+              if (chunk.length === 0) continue;
+            }
+            received += chunk.length;
+            yield chunk;
+          }
+          return;
+        } catch (e) {
+          res.body.destroy();
+          // Everything is here: let the verifier judge it.
+          if (received >= desc.size) return;
+          const reason = retryReason(e);
+          if (signal.aborted || reason === undefined) throw e;
+          streak = received > before ? 1 : streak + 1;
+          if (streak >= this.transport.maxAttempts) throw e;
+          attempt++;
+          const delayMs = this.transport.backoff(streak);
+          this.logger.info(
+            { image: this.image, layer: desc.digest, attempt, received, bytes: desc.size, reason, delayMs, range: ranges },
+            'blob download interrupted; resuming',
+          );
+          await sleep(delayMs, signal, url);
+          res = await this.resumeBlob(url, desc, received, ranges, what, signal);
+          current.body = res.body;
+          skip = res.statusCode === 206 ? 0 : received;
+        }
+      }
+    } finally {
+      res.body.destroy();
+    }
+  }
+
+  /** Ask for the rest of a blob from byte `from`: a 206 starting exactly there, or a whole 200. */
+  private async resumeBlob(url: string, desc: Descriptor, from: number, ranges: boolean, what: string, signal?: AbortSignal): Promise<HttpResponse> {
+    const headers: Record<string, string> = ranges ? { range: `bytes=${from}-` } : {};
+    const res = await this.send(url, headers, { kind: 'blob', ref: desc.digest }, signal, ranges ? [200, 206] : [200]);
+    if (res.statusCode === 200) {
+      this.checkBlobLength(res, desc, what);
+      return res;
+    }
+    const cr = parseContentRange(headerText(res.headers['content-range']));
+    if (!cr || cr.start !== from || cr.end !== desc.size - 1 || (cr.total !== undefined && cr.total !== desc.size)) {
+      res.body.destroy();
+      throw new GuestpullError(
+        ErrorCode.UNAVAILABLE,
+        `${what}: asked for bytes ${from}-${desc.size - 1} to resume an interrupted download, the registry sent Content-Range ` +
+          `${JSON.stringify(headerText(res.headers['content-range']).slice(0, 100))}; try again`,
+        { image: this.image, endpoint: this.origin, layer: desc.digest },
+      );
+    }
+    return res;
   }
 
   /** A whole small blob (e.g. an image config), refused before fetching when larger than `maxBytes`. */
@@ -169,8 +269,8 @@ export class RegistryClient {
     });
   }
 
-  /** GET with auth: one retry after answering a 401 challenge; anything but 200 becomes an error. */
-  private async send(url: string, headers: Record<string, string>, target: Target, signal?: AbortSignal): Promise<HttpResponse> {
+  /** GET with auth: one retry after answering a 401 challenge; a status not in `ok` becomes an error. */
+  private async send(url: string, headers: Record<string, string>, target: Target, signal?: AbortSignal, ok: readonly number[] = [200]): Promise<HttpResponse> {
     const sig = signal ? { signal } : {};
     const first = await this.auth.authorization(signal);
     let res = await this.transport.request({ url, headers: withAuth(headers, first), ...sig });
@@ -179,7 +279,7 @@ export class RegistryClient {
       const retry = await this.auth.answer(res.headers['www-authenticate'], first, signal);
       res = await this.transport.request({ url, headers: withAuth(headers, retry), ...sig });
     }
-    if (res.statusCode !== 200) throw await this.statusError(res, target);
+    if (!ok.includes(res.statusCode)) throw await this.statusError(res, target);
     return res;
   }
 
@@ -226,6 +326,20 @@ export class RegistryClient {
 
 function withAuth(headers: Record<string, string>, authorization: string | undefined): Record<string, string> {
   return authorization === undefined ? headers : { ...headers, authorization };
+}
+
+function headerText(v: string | string[] | undefined): string {
+  return Array.isArray(v) ? v.join(', ') : (v ?? '');
+}
+
+/** `bytes <start>-<end>/<total or *>`, or undefined. */
+function parseContentRange(v: string): { start: number; end: number; total?: number } | undefined {
+  const m = /^\s*bytes\s+(\d{1,15})-(\d{1,15})\/(\d{1,15}|\*)\s*$/i.exec(v);
+  if (!m) return undefined;
+  const start = Number(m[1]);
+  const end = Number(m[2]);
+  if (end < start) return undefined;
+  return m[3] === '*' ? { start, end } : { start, end, total: Number(m[3]) };
 }
 
 function contentLength(res: HttpResponse): number | undefined {

@@ -1,32 +1,51 @@
 /**
  * HTTP for registry traffic: undici dispatchers with explicit TLS trust, timeouts and keep-alive,
- * redirects followed by our own code (never https → http, Authorization only ever sent to the
- * origin it was meant for), and every network failure turned into a GuestpullError in words.
- * Which dispatcher serves a URL is decided in one place, `dispatcherFor`, where per-endpoint
- * proxies will plug in.
+ * the route (direct or through the configured proxy, see ./proxy.ts and ./dispatchers.ts) chosen
+ * per request URL, redirects followed by our own code (never https → http, Authorization only ever
+ * sent to the origin it was meant for), retries of idempotent requests (./retry.ts), and every
+ * network failure turned into a GuestpullError in words.
+ *
+ * Defaults (DEFAULT_NETWORK in src/config, `[image]` keys in seconds): connect 30 s
+ * (`connect_timeout_secs`, also bounds the TLS handshake through a tunnel), response headers 60 s
+ * (`headers_timeout_secs`), body idle 60 s between chunks (`idle_timeout_secs`), 5 attempts per
+ * request (`max_attempts`, the first included), backoff 200 ms doubling to 10 s with full jitter,
+ * Retry-After honoured up to 60 s, at most 5 redirects.
  */
 import { PassThrough, Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { X509Certificate } from 'node:crypto';
 import tls from 'node:tls';
-import { Agent, type Dispatcher } from 'undici';
+import type { Dispatcher } from 'undici';
+import { DEFAULT_NETWORK } from '../../../config/index.js';
 import { ErrorCode, GuestpullError } from '../../../errors.js';
 import type { Logger } from '../../../log.js';
+import { Dispatchers } from './dispatchers.js';
 import { abortError, networkError, type TimeoutsMs } from './errors.js';
+import { proxyLabel, ProxyRouter, type ProxySettings, type Route } from './proxy.js';
 import { loggableUrl, REDIRECT_STATUSES, redirectTarget, sameOrigin } from './redirect.js';
+import { DEFAULT_BACKOFF, parseRetryAfter, RETRY_STATUSES, retryDelay, retryReason, sleep, type BackoffOptions } from './retry.js';
 
-export { networkError, abortError } from './errors.js';
+export { networkError, abortError, connectStatus } from './errors.js';
 export { redirectTarget, sameOrigin, loggableUrl } from './redirect.js';
+export { ProxyRouter, proxyLabel, type ProxySettings, type Route } from './proxy.js';
+export { parseNoProxy, noProxyMatches, type NoProxyRule } from './noproxy.js';
+export { backoffDelay, parseRetryAfter, retryDelay, retryReason, sleep, RETRY_STATUSES, DEFAULT_BACKOFF, type BackoffOptions } from './retry.js';
 
 export interface TransportOptions {
-  /** PEM strings trusted in addition to the system roots (tls.rootCertificates). */
+  /** PEM strings trusted in addition to the system roots (tls.rootCertificates), for registries and HTTPS proxies. */
   extraRootCertificates?: string[];
-  /** Default 30 000. */
+  /** `[image] image_pull_proxy`; nothing is read from the environment. */
+  proxy?: ProxySettings;
+  /** Default DEFAULT_NETWORK.connectTimeoutMs (30 000). */
   connectTimeoutMs?: number;
-  /** Default 60 000. */
+  /** Default DEFAULT_NETWORK.headersTimeoutMs (60 000). */
   headersTimeoutMs?: number;
-  /** Longest idle time between body chunks; default 60 000. */
+  /** Longest idle time between body chunks; default DEFAULT_NETWORK.idleTimeoutMs (60 000). */
   bodyTimeoutMs?: number;
+  /** Attempts per idempotent request, the first included; default DEFAULT_NETWORK.maxAttempts (5). 1 disables retries. */
+  maxAttempts?: number;
+  /** Backoff tuning (tests use small values). */
+  backoff?: BackoffOptions;
   /** Default 5. */
   maxRedirects?: number;
   /** Default `guestpull/<version>`. */
@@ -43,6 +62,8 @@ export interface HttpRequest {
   /** Request body (POST only), sent as is; set the content-type header yourself. */
   body?: string;
   signal?: AbortSignal;
+  /** Retry on connection errors, 429 and 5xx; default true for GET and HEAD, always false for POST. */
+  retry?: boolean;
 }
 
 export interface HttpResponse {
@@ -54,7 +75,9 @@ export interface HttpResponse {
   url: string;
 }
 
-const DEFAULTS = { connect: 30_000, headers: 60_000, body: 60_000, maxRedirects: 5 };
+const MAX_REDIRECTS = 5;
+/** How much of a retried error response body we read before dropping the connection. */
+const RETRY_DRAIN_BYTES = 64 * 1024;
 /** How much of a redirect response body we read to keep the connection reusable. */
 const REDIRECT_DRAIN_BYTES = 64 * 1024;
 
@@ -68,20 +91,38 @@ class MappedBody extends PassThrough {
   }
 }
 
-/** Every entry must hold at least one PEM certificate, each of which parses (OpenSSL would skip bad ones silently). */
+/**
+ * Every entry must hold at least one PEM certificate, each of which parses (OpenSSL would skip bad
+ * ones silently). The index in the message is the TOML array index (from 0).
+ */
 function checkCertificates(pems: string[]): void {
   pems.forEach((pem, i) => {
     const blocks = pem.match(/-----BEGIN CERTIFICATE-----[\s\S]+?-----END CERTIFICATE-----/g) ?? [];
     try {
-      if (blocks.length === 0) throw new Error('no BEGIN CERTIFICATE block');
+      if (blocks.length === 0) throw new Error('no "-----BEGIN CERTIFICATE-----" … "-----END CERTIFICATE-----" block');
       for (const b of blocks) new X509Certificate(b);
     } catch (e) {
       throw new GuestpullError(
         ErrorCode.CONFIG,
-        `[image] extra_root_certificates entry ${i + 1} is not a usable PEM certificate: ${(e as Error).message}`,
+        `[image] extra_root_certificates[${i}]: not a PEM certificate: ${(e as Error).message}; fix or remove that entry in cdh.toml`,
       );
     }
   });
+}
+
+/** Read and drop at most `limit` bytes of a body we will not use, then release it. */
+async function drain(body: Readable, limit: number): Promise<void> {
+  let seen = 0;
+  try {
+    for await (const chunk of body) {
+      seen += (chunk as Buffer).length;
+      if (seen > limit) break;
+    }
+  } catch {
+    // The body failing is no reason to fail the retry.
+  } finally {
+    body.destroy();
+  }
 }
 
 function parseHttpUrl(url: string): URL {
@@ -98,44 +139,88 @@ function parseHttpUrl(url: string): URL {
 }
 
 export class Transport {
-  private readonly agent: Agent;
+  /** Attempts per idempotent request, the first included (also the resume budget of a blob download). */
+  readonly maxAttempts: number;
+  private readonly dispatchers: Dispatchers;
+  private readonly router: ProxyRouter;
   private readonly timeouts: TimeoutsMs;
+  private readonly backoffOpts: Required<BackoffOptions>;
   private readonly maxRedirects: number;
   private readonly userAgent: string;
+  /** Origins whose route has been logged. */
+  private readonly routesLogged = new Set<string>();
 
   constructor(
     opts: TransportOptions,
     private readonly logger: Logger,
   ) {
     this.timeouts = {
-      connect: opts.connectTimeoutMs ?? DEFAULTS.connect,
-      headers: opts.headersTimeoutMs ?? DEFAULTS.headers,
-      body: opts.bodyTimeoutMs ?? DEFAULTS.body,
+      connect: opts.connectTimeoutMs ?? DEFAULT_NETWORK.connectTimeoutMs,
+      headers: opts.headersTimeoutMs ?? DEFAULT_NETWORK.headersTimeoutMs,
+      body: opts.bodyTimeoutMs ?? DEFAULT_NETWORK.idleTimeoutMs,
     };
-    this.maxRedirects = opts.maxRedirects ?? DEFAULTS.maxRedirects;
+    this.maxAttempts = Math.max(1, Math.floor(opts.maxAttempts ?? DEFAULT_NETWORK.maxAttempts));
+    this.backoffOpts = { ...DEFAULT_BACKOFF, ...opts.backoff };
+    this.maxRedirects = opts.maxRedirects ?? MAX_REDIRECTS;
     this.userAgent = opts.userAgent ?? `guestpull/${opts.version ?? 'unknown'}`;
     const extra = opts.extraRootCertificates ?? [];
     checkCertificates(extra);
-    this.agent = new Agent({
-      connect: {
-        timeout: this.timeouts.connect,
-        ...(extra.length > 0 ? { ca: [...tls.rootCertificates, ...extra] } : {}),
-      },
-      headersTimeout: this.timeouts.headers,
-      bodyTimeout: this.timeouts.body,
-      keepAliveTimeout: 30_000,
-      pipelining: 1,
-      connections: 8,
+    this.router = new ProxyRouter(opts.proxy);
+    this.dispatchers = new Dispatchers({
+      timeouts: this.timeouts,
+      ca: extra.length > 0 ? [...tls.rootCertificates, ...extra] : undefined,
     });
+  }
+
+  /** The route (direct or via a proxy) for `url`. */
+  routeFor(url: URL): Route {
+    return this.router.routeFor(url);
   }
 
   /** The dispatcher (connection policy: TLS trust, proxy) that serves `url`. */
   dispatcherFor(url: URL): Dispatcher {
-    void url;
-    return this.agent;
+    return this.dispatchers.for(this.routeFor(url));
   }
 
+  /** Delay before retry number `retry` (1 = first retry), honouring a server's Retry-After (ms). */
+  backoff(retry: number, retryAfterMs?: number): number {
+    return retryDelay(retry, retryAfterMs, this.backoffOpts);
+  }
+
+  /**
+   * One request, following redirects, retried (GET/HEAD) on connection errors, 429 and 5xx up to
+   * `maxAttempts` in all. After the last attempt a 429/5xx response is returned as it is, for the
+   * caller to quote; errors on the returned body are not retried here (see RegistryClient.getBlob).
+   */
   async request(req: HttpRequest): Promise<HttpResponse> {
+    const method = req.method ?? 'GET';
+    const attempts = method !== 'POST' && req.retry !== false ? this.maxAttempts : 1;
+    const signal = req.signal;
+    for (let attempt = 1; ; attempt++) {
+      let reason: string;
+      let retryAfterMs: number | undefined;
+      try {
+        const res = await this.attempt(req);
+        if (attempt >= attempts || !RETRY_STATUSES.has(res.statusCode)) return res;
+        reason = `HTTP ${res.statusCode}`;
+        retryAfterMs = parseRetryAfter(res.headers['retry-after']);
+        await drain(res.body, RETRY_DRAIN_BYTES);
+      } catch (e) {
+        const why = retryReason(e);
+        if (attempt >= attempts || why === undefined || signal?.aborted) throw e;
+        reason = why;
+      }
+      const delayMs = this.backoff(attempt, retryAfterMs);
+      this.logger.info(
+        { url: loggableUrl(req.url), method, attempt, maxAttempts: attempts, reason, delayMs, ...(retryAfterMs !== undefined ? { retryAfterMs } : {}) },
+        'retrying request',
+      );
+      await sleep(delayMs, signal, req.url);
+    }
+  }
+
+  /** One attempt: the request and its redirects. */
+  private async attempt(req: HttpRequest): Promise<HttpResponse> {
     const started = performance.now();
     const original = parseHttpUrl(req.url);
     const signal = req.signal;
@@ -143,6 +228,8 @@ export class Transport {
     let body = req.body;
     const baseHeaders: Record<string, string> = { 'user-agent': this.userAgent };
     for (const [k, v] of Object.entries(req.headers ?? {})) baseHeaders[k.toLowerCase()] = v;
+    // Proxy credentials come from the proxy URL and go on CONNECT only, never to an origin.
+    delete baseHeaders['proxy-authorization'];
     let url = original;
     for (let hop = 0; ; hop++) {
       if (signal?.aborted) throw abortError(signal, url.href);
@@ -150,9 +237,12 @@ export class Transport {
       // Credentials belong to the origin they were given for; a redirect elsewhere gets none.
       if (!sameOrigin(url, original)) delete headers.authorization;
       if (body === undefined) delete headers['content-type'];
+      const route = this.routeFor(url);
+      const proxy = route.kind === 'proxy' ? route.proxy : undefined;
+      this.logRoute(url, route);
       let res: Dispatcher.ResponseData;
       try {
-        res = await this.dispatcherFor(url).request({
+        res = await this.dispatchers.for(route).request({
           origin: url.origin,
           path: `${url.pathname}${url.search}`,
           method,
@@ -161,7 +251,7 @@ export class Transport {
           signal: signal ?? null,
         });
       } catch (e) {
-        throw networkError(e, url.href, this.timeouts, signal);
+        throw networkError(e, url.href, this.timeouts, signal, proxy);
       }
       const location = res.headers.location;
       if (REDIRECT_STATUSES.has(res.statusCode) && typeof location === 'string' && location !== '') {
@@ -186,13 +276,20 @@ export class Transport {
         { method, url: loggableUrl(url), status: res.statusCode, redirects: hop, ms: Math.round(performance.now() - started) },
         'http request',
       );
-      const out = new MappedBody((e) => networkError(e, finalUrl, this.timeouts, signal));
+      const out = new MappedBody((e) => networkError(e, finalUrl, this.timeouts, signal, proxy));
       pipeline(res.body, out).catch(() => undefined);
       return { statusCode: res.statusCode, headers: res.headers, body: out, url: finalUrl };
     }
   }
 
+  private logRoute(url: URL, route: Route): void {
+    if (this.routesLogged.has(url.origin)) return;
+    this.routesLogged.add(url.origin);
+    if (route.kind === 'direct') this.logger.debug({ origin: url.origin, route: 'direct' }, 'route to registry: direct');
+    else this.logger.debug({ origin: url.origin, route: 'proxy', proxy: proxyLabel(route.proxy) }, `route to registry: via proxy ${proxyLabel(route.proxy)}`);
+  }
+
   async close(): Promise<void> {
-    await this.agent.close();
+    await this.dispatchers.close();
   }
 }
