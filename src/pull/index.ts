@@ -4,18 +4,20 @@
  * concurrent requests share one pull; different images run side by side.
  */
 import path from 'node:path';
-import type { Config } from '../config/index.js';
+import type { Config, RegistriesConf } from '../config/index.js';
 import { ErrorCode, GuestpullError, asGuestpullError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { ImageConfig, parseJson } from '../oci.js';
 import { formatReference, manifestReference, parseReference, type ImageReference } from '../reference.js';
 import { firstSuccessful } from './candidates.js';
+import { CredentialStore, explainAuthFailure, loadCredentials } from './credentials/index.js';
 import { checkBundleFree, validateBundlePath, writeFileAtomic } from './bundle/path.js';
 import { buildRuntimeSpec } from './bundle/spec.js';
-import { RegistryClient, currentPlatform, resolveImage, type ResolvedImage } from './distribution/index.js';
+import { RegistryClient, currentPlatform, resolveImage, type Credentials, type ResolvedImage } from './distribution/index.js';
 import { Transport } from './distribution/transport/index.js';
 import { applyLayer } from './layers/index.js';
 import { candidatesFor, type Candidate } from './registries/index.js';
+import { loadRegistryConfiguration } from './registries/load.js';
 import { createStaging } from './stage.js';
 import { openWorkDir } from './store/index.js';
 
@@ -40,8 +42,8 @@ export interface PullerOptions {
 const MAX_CONFIG_BYTES = 4 * 1024 * 1024;
 
 /**
- * Keys that would tighten what may be pulled, or say where rules and credentials live, must not be
- * silently ignored: until guestpull acts on them, a configuration that sets them is refused.
+ * Keys that would tighten what may be pulled must not be silently ignored: until guestpull acts on
+ * them (image security policy, signatures), a configuration that sets them is refused.
  */
 function refuseUnsupported(config: Config): void {
   const img = config.image;
@@ -50,15 +52,13 @@ function refuseUnsupported(config: Config): void {
     ['image_security_policy_uri', img.imageSecurityPolicyUri],
     ['sigstore_config', img.sigstoreConfig],
     ['sigstore_config_uri', img.sigstoreConfigUri],
-    ['registry_configuration_uri', img.registryConfigurationUri],
-    ['authenticated_registry_credentials_uri', img.authenticatedRegistryCredentialsUri],
   ];
   const set = unsupported.filter(([, v]) => v !== undefined && v !== '').map(([k]) => `[image] ${k}`);
   if (set.length > 0) {
     throw new GuestpullError(
       ErrorCode.CONFIG,
       `cdh.toml sets ${set.join(', ')}, which this version of guestpull does not enforce yet; ` +
-        'refusing to run rather than ignore it (remove the key, or use inline [image.registry_config])',
+        'refusing to run rather than ignore it (remove the key)',
     );
   }
 }
@@ -70,12 +70,17 @@ export class Puller {
   private readonly inflight = new Map<string, { image: string; promise: Promise<PullResult> }>();
   private workDir: Promise<string> | undefined;
   private readonly pullWarnings: string[];
+  /** The registry configuration and credentials in force, loaded once here so bad ones fail at start. */
+  private readonly registries: RegistriesConf;
+  private readonly credentials: CredentialStore;
 
   constructor(opts: PullerOptions) {
     refuseUnsupported(opts.config);
     this.config = opts.config;
     this.logger = opts.logger;
     this.pullWarnings = opts.pullWarnings ?? [];
+    this.registries = loadRegistryConfiguration(opts.config.image, opts.logger);
+    this.credentials = loadCredentials(opts.config.image, opts.logger);
     this.transport = new Transport(
       {
         extraRootCertificates: opts.config.image.extraRootCertificates,
@@ -83,6 +88,8 @@ export class Puller {
         connectTimeoutMs: opts.config.image.network.connectTimeoutMs,
         headersTimeoutMs: opts.config.image.network.headersTimeoutMs,
         bodyTimeoutMs: opts.config.image.network.idleTimeoutMs,
+        maxAttempts: opts.config.image.network.maxAttempts,
+        ...(opts.config.image.imagePullProxy ? { proxy: opts.config.image.imagePullProxy } : {}),
       },
       opts.logger,
     );
@@ -121,12 +128,18 @@ export class Puller {
     await this.workDir;
     await checkBundleFree(bundle);
 
-    const candidates = candidatesFor(ref, this.config.image.registryConfig ?? { unqualifiedSearchRegistries: [], registries: [] });
+    const candidates = candidatesFor(ref, this.registries);
     const platform = currentPlatform();
     const { candidate, value } = await firstSuccessful(candidates, (c) => c.description, image, async (c: Candidate) => {
-      const client = this.client(c, image);
-      const resolved: ResolvedImage = await resolveImage(client, c.reference, platform, signal);
-      return { client, resolved };
+      const match = this.credentials.lookup(c.registry, c.repository);
+      if (match) log.info({ registry: c.registry, repository: c.repository, authKey: match.key }, 'using credentials from auth.json');
+      const client = this.client(c, image, match?.credentials);
+      try {
+        const resolved: ResolvedImage = await resolveImage(client, c.reference, platform, signal);
+        return { client, resolved };
+      } catch (e) {
+        throw explainAuthFailure(asGuestpullError(e), match, { registry: c.registry, repository: c.repository, origin: client.origin }, this.credentials);
+      }
     });
     const { client, resolved } = value;
     const { manifest, manifestDigest } = resolved;
@@ -187,13 +200,15 @@ export class Puller {
     }
   }
 
-  private client(c: Candidate, image: string): RegistryClient {
+  /** A client for one candidate location, with the credentials that belong to that location (if any). */
+  private client(c: Candidate, image: string, credentials: Credentials | undefined): RegistryClient {
     return new RegistryClient({
       baseUrl: c.baseUrl,
       repository: c.repository,
       transport: this.transport,
       logger: this.logger,
       image,
+      ...(credentials ? { credentials } : {}),
     });
   }
 }
