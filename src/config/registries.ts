@@ -13,6 +13,12 @@ import { ErrorCode, GuestpullError } from '../errors.js';
 import { isValidDigest } from '../oci.js';
 import { isValidDomain, isValidRepositoryPath, isValidTag, normalizeRegistry } from '../reference.js';
 
+/**
+ * Only `insecure = true` means plain HTTP (issue 4: nothing else downgrades). An `http://` URL is
+ * accepted as a location only together with it, so the intent is stated twice and never implied.
+ */
+const PLAIN_HTTP_NEEDS_INSECURE = 'an http:// location is plain HTTP: set insecure = true on this entry to allow it (or use https://)';
+
 export type PullFromMirror = 'all' | 'digest-only' | 'tag-only';
 
 export interface MirrorRule {
@@ -248,7 +254,10 @@ function buildRegistry(ctx: Ctx, r: RawRegistry, i: number): RegistryRule | unde
       parseLocationSpec(rawLocation, { allowUrl: true }),
     );
     if (!spec) failed = true;
-    else location = formatLocationSpec(spec);
+    else {
+      location = formatLocationSpec(spec);
+      if (spec.scheme === 'http' && r.insecure !== true) bad(at('location'), PLAIN_HTTP_NEEDS_INSECURE);
+    }
   }
 
   let prefix: string | undefined;
@@ -280,6 +289,7 @@ function buildRegistry(ctx: Ctx, r: RawRegistry, i: number): RegistryRule | unde
       failed = true;
       continue;
     }
+    if (spec.scheme === 'http' && m.insecure !== true) bad(mp('location'), PLAIN_HTTP_NEEDS_INSECURE);
     if (spec.suffix !== '') bad(mp('location'), `mirror location ${JSON.stringify(raw)} must not carry a tag or digest`);
     if (overridePath && (spec.scheme === undefined || spec.path === '')) {
       bad(mp('override-path'), `override-path needs the mirror location to be a URL with a path, e.g. "http://harbor/v2/proxy-docker.io" (got ${JSON.stringify(raw)})`);

@@ -146,6 +146,7 @@ prefix = "registry.example.com"
 skip-fallback = true
 [[image.registry_config.registry.mirror]]
 location = "${harbor.projectUrl}"
+insecure = true
 override-path = true
 `);
       const b = newBundle();

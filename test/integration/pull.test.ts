@@ -276,6 +276,8 @@ describe('errors name the image and endpoint, and leave nothing behind', () => {
       const e = await pullError(`${other.host}/fixtures/rich:v1`, bundle);
       expect(e.code).toBe(Status.UNAVAILABLE);
       expect(e.details).toContain(`https://${other.host}`);
+      expect(e.details).toContain('did not answer with TLS');
+      expect(e.details).toContain('insecure = true');
       await expectBundleClean(bundle);
       // the registry saw no HTTP request for the image
       expect(other.logs()).not.toContain('GET /v2/fixtures/rich/manifests');

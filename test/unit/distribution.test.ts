@@ -115,10 +115,10 @@ function registryHandler(manifests: Record<string, Content>, blobs: Content[] = 
 
 function makeClient(
   base: string,
-  opts: { repository?: string; credentials?: Credentials; logger?: Logger; manifestBytes?: number; baseUrl?: string } = {},
+  opts: { repository?: string; credentials?: Credentials; logger?: Logger; manifestBytes?: number; baseUrl?: string; maxAttempts?: number } = {},
 ): RegistryClient {
   const logger = opts.logger ?? silentLogger();
-  const transport = new Transport({}, logger);
+  const transport = new Transport(opts.maxAttempts !== undefined ? { maxAttempts: opts.maxAttempts } : {}, logger);
   cleanups.push(() => transport.close());
   return new RegistryClient({
     baseUrl: opts.baseUrl ?? `${base}/v2/`,
@@ -418,7 +418,8 @@ describe('registry errors', () => {
       else if (req.url!.includes('many')) sendJson(res, 429, { errors: [{ code: 'TOOMANYREQUESTS', message: 'slow down' }] });
       else sendJson(res, 403, { errors: [{ code: 'DENIED', message: 'requested access to the resource is denied' }] });
     });
-    const client = makeClient(srv.url);
+    // One attempt: the mapping is under test here, not the retry backoff (see transport.test.ts).
+    const client = makeClient(srv.url, { maxAttempts: 1 });
     const e500 = await rejection(client.getManifest('five'));
     expect(e500.code).toBe(ErrorCode.UNAVAILABLE);
     expect(e500.message).toContain('HTTP 500');
@@ -434,7 +435,7 @@ describe('registry errors', () => {
     const srv = await serve(() => undefined);
     const port = new URL(srv.url).port;
     await cleanups.pop()!(); // stop it: the port is now closed
-    const err = await rejection(makeClient(srv.url).getManifest('latest'));
+    const err = await rejection(makeClient(srv.url, { maxAttempts: 1 }).getManifest('latest'));
     expect(err.code).toBe(ErrorCode.UNAVAILABLE);
     expect(err.message).toContain(`127.0.0.1:${port}`);
     expect(err.message).toContain('connection refused');

@@ -131,6 +131,7 @@ prefix = "docker.io"
 skip-fallback = true
 [[registry.mirror]]
 location = "http://harbor/v2/proxy-docker.io/"
+insecure = true
 override-path = true
 pull-from-mirror = "tag-only"
 
@@ -144,7 +145,7 @@ location = "m2.local"
 `);
     expect(c.registries[0]).toMatchObject({
       skipFallback: true,
-      mirrors: [{ location: 'http://harbor/v2/proxy-docker.io', overridePath: true, pullFromMirror: 'tag-only', insecure: false }],
+      mirrors: [{ location: 'http://harbor/v2/proxy-docker.io', overridePath: true, pullFromMirror: 'tag-only', insecure: true }],
     });
     expect(c.registries[1]!.mirrors.map((m) => m.pullFromMirror)).toEqual(['digest-only', 'digest-only']);
   });
@@ -183,6 +184,8 @@ credential-helpers = ["containers-auth.json"]
     ['a mirror with a tag', { registry: [{ prefix: 'a.io', mirror: [{ location: 'm.io/x:1' }] }] }, 'must not carry a tag or digest'],
     ['override-path without a URL', { registry: [{ prefix: 'a.io', mirror: [{ location: 'harbor.io/v2/p', 'override-path': true }] }] },
       'mirror[0].override-path: override-path needs the mirror location to be a URL with a path'],
+    ['an http:// mirror without insecure', { registry: [{ prefix: 'a.io', mirror: [{ location: 'http://m.io:5000' }] }] }, 'registry[0].mirror[0].location: an http:// location is plain HTTP: set insecure = true'],
+    ['an http:// location without insecure', { registry: [{ prefix: 'a.io', location: 'http://b.io:5000' }] }, 'registry[0].location: an http:// location is plain HTTP: set insecure = true'],
     ['override-path without a path', { registry: [{ prefix: 'a.io', mirror: [{ location: 'http://harbor', 'override-path': true }] }] }, 'URL with a path'],
     ['a bad pull-from-mirror', { registry: [{ prefix: 'a.io', mirror: [{ location: 'm.io', 'pull-from-mirror': 'digest' }] }] },
       'pull-from-mirror: expected one of "all", "digest-only", "tag-only", got "digest"'],
@@ -432,6 +435,7 @@ prefix = "only.io"
 skip-fallback = true
 [[registry.mirror]]
 location = "http://10.0.0.1:5000"
+insecure = true
 pull-from-mirror = "digest-only"
 `);
   it('uses digest-only mirrors for digests and tag-only mirrors for tags', () => {
@@ -462,6 +466,7 @@ location = "https://secure-mirror.local"
 insecure = true
 [[registry.mirror]]
 location = "http://plain-mirror.local/ns/sub"
+insecure = true
 [[registry.mirror]]
 location = "mirror.example.com/ns"
 [[registry.mirror]]
@@ -485,18 +490,22 @@ describe('candidatesFor: Talos pull-through caches (seed)', () => {
 prefix = "docker.io"
 [[registry.mirror]]
 location = "http://10.5.0.1:5000"
+insecure = true
 [[registry]]
 prefix = "registry.k8s.io"
 [[registry.mirror]]
 location = "http://10.5.0.1:5001"
+insecure = true
 [[registry]]
 prefix = "gcr.io"
 [[registry.mirror]]
 location = "http://10.5.0.1:5003"
+insecure = true
 [[registry]]
 prefix = "ghcr.io"
 [[registry.mirror]]
 location = "http://10.5.0.1:5004"
+insecure = true
 `);
   it.each<[string, string[]]>([
     ['busybox:1.36', ['http://10.5.0.1:5000/v2/ library/busybox 1.36 mirror', 'https://registry-1.docker.io/v2/ library/busybox 1.36']],
@@ -521,16 +530,19 @@ prefix = "docker.io"
 skip-fallback = true
 [[registry.mirror]]
 location = "http://harbor/v2/proxy-docker.io"
+insecure = true
 override-path = true
 [[registry]]
 prefix = "ghcr.io"
 [[registry.mirror]]
 location = "http://harbor/v2/proxy-ghcr.io"
+insecure = true
 override-path = true
 [[registry]]
 prefix = "docker.io/library/nginx"
 [[registry.mirror]]
 location = "http://harbor/v2/proxy-docker.io/library/nginx"
+insecure = true
 override-path = true
 `);
   it('Harbor override-path: the URL is the base of the repositories', () => {

@@ -182,6 +182,16 @@ describe('network errors', () => {
     expect(err.message).toContain('connection refused');
   });
 
+  it('says a plain-HTTP server did not answer TLS and how to allow it', async () => {
+    const srv = await serve((_req, res) => res.end('plain'));
+    const httpsUrl = srv.url.replace('http://', 'https://');
+    const err = await rejection(transport({ maxAttempts: 1 }).request({ url: `${httpsUrl}/v2/` }));
+    expect(err.code).toBe(ErrorCode.UNAVAILABLE);
+    expect(err.message).toContain(httpsUrl);
+    expect(err.message).toContain('did not answer with TLS');
+    expect(err.message).toContain('insecure = true');
+  });
+
   it('names a host that does not resolve', async () => {
     const err = await rejection(transport().request({ url: 'http://registry.nonexistent.invalid/v2/' }));
     expect(err.code).toBe(ErrorCode.UNAVAILABLE);

@@ -108,6 +108,16 @@ function describe(codes: string[], e: unknown, host: string, timeouts: TimeoutsM
   if (has('CERT_HAS_EXPIRED', 'CERT_NOT_YET_VALID')) {
     return { cause: `the certificate of ${subject} is expired or not yet valid`, hint: `check the ${who} certificate and the guest clock` };
   }
+  const msgText = e instanceof Error ? e.message : String(e);
+  if (has('ERR_SSL_WRONG_VERSION_NUMBER') || /wrong version number/i.test(msgText)) {
+    return {
+      cause: `${subject} did not answer with TLS (it looks like a plain-HTTP server)`,
+      hint:
+        who === 'proxy'
+          ? 'if the proxy speaks plain HTTP, write its URL as http://… in [image] image_pull_proxy'
+          : 'if it is a plain-HTTP registry, list it in [image.registry_config] with insecure = true',
+    };
+  }
   if (has('ERR_TLS_CERT_ALTNAME_INVALID')) {
     return { cause: `the certificate of ${subject} does not name that host`, hint: 'use the host name the certificate was issued for' };
   }
