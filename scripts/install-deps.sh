@@ -17,6 +17,7 @@ declare -A NEED=(
   [htpasswd]=apache2-utils
   [unshare]=util-linux
   [mount]=mount
+  [zstd]=zstd
 )
 missing=()
 for cmd in "${!NEED[@]}"; do

@@ -201,16 +201,6 @@ describe('applyLayer: breakout attempts stay inside the rootfs', () => {
 });
 
 describe('applyLayer: refused entry types and bounds', () => {
-  it('refuses device nodes and FIFOs', async () => {
-    for (const type of ['character-device', 'block-device', 'fifo'] as const) {
-      await expect(apply([{ name: 'dev/x', type, devmajor: 1, devminor: 3 }])).rejects.toMatchObject({
-        code: 'BAD_IMAGE',
-        message: expect.stringContaining('device nodes are not supported yet'),
-      });
-    }
-    expect(tree()).toEqual([]);
-  });
-
   it('refuses sparse files and contiguous files', async () => {
     await expect(apply([{ name: 's', content: 'x', pax: { 'GNU.sparse.major': '1', 'GNU.sparse.minor': '0' } }])).rejects.toMatchObject({
       code: 'BAD_IMAGE',

@@ -122,23 +122,6 @@ describe('applyLayer: entries', () => {
     expect(fs.lstatSync(at('d/l')).mtime.getTime()).toBe(t3.getTime());
   });
 
-  it('ignores extended attributes (no xattr API in Node) with one debug line per layer', async () => {
-    const lines: string[] = [];
-    const logger = createLogger({ level: 'debug', destination: { write: (l: string) => void lines.push(l) } });
-    await applyTar(
-      root,
-      await packTar([
-        { name: 'ping', content: 'p', mode: 0o755, pax: { 'SCHILY.xattr.security.capability': '\u0001', 'SCHILY.xattr.user.a': 'b' } },
-        { name: 'other', content: 'o', pax: { 'SCHILY.xattr.user.c': 'd' } },
-      ]),
-      { logger },
-    );
-    expectFile('ping', 'p', 0o755);
-    const events = lines.map((l) => JSON.parse(l) as { msg: string; xattrs?: number; entries?: number });
-    expect(events.filter((e) => e.xattrs !== undefined)).toMatchObject([{ xattrs: 3 }]);
-    expect(events.filter((e) => e.msg === 'layer unpacked')).toMatchObject([{ entries: 2 }]);
-  });
-
   it('takes sub-second mtimes from PAX', async () => {
     await apply([{ name: 'f', content: 'x', pax: { mtime: '1700000000.25' } }]);
     expect(fs.lstatSync(at('f')).mtimeMs).toBe(1700000000250);

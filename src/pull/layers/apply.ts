@@ -3,6 +3,24 @@
  * layer.md: whiteouts and opaque markers hide lower-layer content only, a directory over a
  * directory merges, anything else replaces what was there.
  *
+ * Layer semantics decided here (README "Layer semantics" says the same):
+ * - Ownership, device nodes and privileged xattrs need root (uid 0, as the daemon runs in a guest).
+ *   Without root, files keep our own uid/gid.
+ * - Extended attributes: `SCHILY.xattr.*` PAX records (raw bytes) are set with lsetxattr after
+ *   chown and chmod (chown clears security.capability): `security.capability` and `trusted.*` when
+ *   root (left out otherwise), `user.*` on files and directories (the kernel allows it nowhere
+ *   else). `trusted.overlay.*` and `user.overlay.*` are refused (BAD_IMAGE): an image must not forge
+ *   overlayfs whiteouts or opaque directories. Every other namespace (security.selinux, system.*
+ *   ACLs, ...) and `LIBARCHIVE.xattr.*` records are left out, as are xattrs on hard link entries
+ *   (a link takes its target's metadata). A filesystem without xattr support (ENOTSUP) leaves them
+ *   out too; an attribute the kernel refuses (EINVAL, EPERM, E2BIG) is BAD_IMAGE. "Left out" is
+ *   counted and logged at debug level. A directory over a directory keeps the lower attributes and
+ *   adds the upper ones (as containerd does).
+ * - Char and block devices are created with mknod when root and refused otherwise (BAD_IMAGE
+ *   "device nodes need root"); which devices a container may open is the device cgroup's business.
+ *   A char device 0:0 is refused always: it is an overlayfs whiteout in disguise. FIFOs are created
+ *   with or without root. Sparse files, contiguous files and unknown entry types are refused.
+ *
  * Safety: an entry's parent is resolved inside the root (symlinks followed, never above the root)
  * and then checked component by component with lstat to be real directories; the final component
  * is never followed, and everything is created exclusively (O_EXCL, mkdir, symlink, link fail on an
@@ -14,15 +32,14 @@
  * (a few microseconds each; a thread-pool round trip costs ten times that); file data is written in
  * batches of up to 1 MiB.
  *
- * Not done here: ownership is only applied when running as root (uid 0); otherwise files keep our
- * own uid/gid. Extended attributes (PAX SCHILY.xattr.*, e.g. security.capability) are counted and
- * dropped: Node has no xattr API.
+ * System calls Node lacks (mknod, lsetxattr) come from guestpull's native addon (src/native).
  */
 import fs from 'node:fs';
 import { rm } from 'node:fs/promises';
 import type { Header } from 'tar-stream';
 import { ErrorCode, GuestpullError } from '../../errors.js';
-import { badEntry, parseEntry, type LayerContext, type LayerEntry, type LayerLimits } from './entry.js';
+import { lsetxattr, mknod } from '../../native/index.js';
+import { badEntry, limitHint, parseEntry, type LayerContext, type LayerEntry, type LayerLimits, type Xattr } from './entry.js';
 import { cleanEntryPath, resolveInRoot } from './rootpath.js';
 import type { EntryBody } from './tarfeed.js';
 
@@ -30,6 +47,8 @@ const WHITEOUT_PREFIX = '.wh.';
 const OPAQUE_MARKER = '.wh..wh..opq';
 const WRITE_BATCH = 1024 * 1024;
 const { O_WRONLY, O_CREAT, O_EXCL, O_NOFOLLOW } = fs.constants;
+/** How many ignored xattr names to keep for the log. */
+const IGNORED_NAMES_KEPT = 10;
 const CREATE_FLAGS = O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW;
 
 interface DirMeta {
@@ -84,13 +103,16 @@ async function drain(body: EntryBody): Promise<void> {
 }
 
 export interface ApplierOptions {
-  /** Apply uid/gid from the archive (only possible as root). */
-  chown: boolean;
+  /** Running as root: apply uid/gid, create device nodes, set security.capability and trusted.* xattrs. */
+  root: boolean;
 }
 
 export class LayerApplier {
   entries = 0;
+  /** Extended attributes set, and left out (with a few of the names left out, for the log). */
   xattrs = 0;
+  ignoredXattrs = 0;
+  readonly ignoredXattrNames = new Set<string>();
   /** Host paths this layer wrote (or created as parents), plus all their ancestors. */
   private readonly written = new Set<string>();
   /** Image directory path ('a/b') → verified real host directory. */
@@ -120,12 +142,13 @@ export class LayerApplier {
     if (++this.entries > this.limits.maxEntries) {
       throw new GuestpullError(
         ErrorCode.BAD_IMAGE,
-        `layer ${this.ctx.layer} of ${this.ctx.image} has more than ${this.limits.maxEntries} entries (maxEntries); refusing it`,
+        `layer ${this.ctx.layer} of ${this.ctx.image} has more than ${this.limits.maxEntries} entries ${limitHint('maxEntries')}; refusing it`,
         { image: this.ctx.image, layer: this.ctx.layer },
       );
     }
     const e = parseEntry(this.ctx, header, this.limits);
-    this.xattrs += e.xattrs;
+    this.ignoredXattrs += e.ignoredXattrs;
+    if (e.ignoredXattrs > 0) this.noteIgnored('LIBARCHIVE.xattr.*');
     try {
       await this.applyEntry(e, body);
     } catch (err) {
@@ -168,7 +191,8 @@ export class LayerApplier {
     const comps = e.components;
     if (comps.length === 0) {
       if (e.kind !== 'directory') throw badEntry(this.ctx, e.name, `names the root directory but is a ${e.kind}`);
-      if (this.opts.chown) fs.chownSync(this.root, e.uid, e.gid);
+      if (this.opts.root) fs.chownSync(this.root, e.uid, e.gid);
+      this.setXattrs(this.root, e);
       this.pendingDirs.set(this.root, { mode: e.mode, atime: e.atime, mtime: e.mtime });
       return;
     }
@@ -189,7 +213,8 @@ export class LayerApplier {
     const existing = this.exists(dir, host) ? lstatOrNull(host) : null;
     if (existing) {
       if (e.kind === 'directory' && existing.isDirectory()) {
-        if (this.opts.chown) fs.chownSync(host, e.uid, e.gid);
+        if (this.opts.root) fs.chownSync(host, e.uid, e.gid);
+        this.setXattrs(host, e);
         this.pendingDirs.set(host, { mode: e.mode, atime: e.atime, mtime: e.mtime });
         this.markWritten(host);
         this.dirs.set(comps.join('/'), host);
@@ -205,17 +230,24 @@ export class LayerApplier {
       case 'directory':
         fs.mkdirSync(host, 0o700);
         this.fresh.add(host);
-        if (this.opts.chown) fs.chownSync(host, e.uid, e.gid);
+        if (this.opts.root) fs.chownSync(host, e.uid, e.gid);
+        this.setXattrs(host, e);
         this.pendingDirs.set(host, { mode: e.mode, atime: e.atime, mtime: e.mtime });
         this.dirs.set(comps.join('/'), host);
         break;
       case 'symlink':
         fs.symlinkSync(e.linkname, host);
-        if (this.opts.chown) fs.lchownSync(host, e.uid, e.gid);
+        if (this.opts.root) fs.lchownSync(host, e.uid, e.gid);
+        this.setXattrs(host, e);
         fs.lutimesSync(host, e.atime, e.mtime);
         break;
       case 'link':
         await this.createHardlink(host, e);
+        break;
+      case 'char':
+      case 'block':
+      case 'fifo':
+        this.createSpecial(host, e);
         break;
     }
     this.markWritten(host);
@@ -242,12 +274,63 @@ export class LayerApplier {
         if (batched > 0) writeAll(fd, batch);
       }
       if (total !== e.size) throw badEntry(this.ctx, e.name, `has ${total} bytes of data but its header says ${e.size}`);
-      if (this.opts.chown) fs.fchownSync(fd, e.uid, e.gid);
-      // After chown: chown clears setuid/setgid.
+      if (this.opts.root) fs.fchownSync(fd, e.uid, e.gid);
+      // After chown: chown clears setuid/setgid (and security.capability, set next).
       fs.fchmodSync(fd, e.mode);
+      this.setXattrs(host, e);
       fs.futimesSync(fd, e.atime, e.mtime);
     } finally {
       fs.closeSync(fd);
+    }
+  }
+
+  /** A device node or FIFO, created exclusively (mknod never follows a final symlink). */
+  private createSpecial(host: string, e: LayerEntry): void {
+    const type = e.kind === 'char' ? 'char' : e.kind === 'block' ? 'block' : 'fifo';
+    if (type !== 'fifo' && !this.opts.root) {
+      throw badEntry(this.ctx, e.name, `is a ${type} device ${e.devmajor}:${e.devminor}: device nodes need root, and guestpull is not running as root`);
+    }
+    mknod(host, type, 0o600, e.devmajor, e.devminor);
+    if (this.opts.root) fs.lchownSync(host, e.uid, e.gid);
+    // The node was just made exclusively at `host`, so chmod (which follows symlinks) acts on it.
+    fs.chmodSync(host, e.mode);
+    this.setXattrs(host, e);
+    fs.lutimesSync(host, e.atime, e.mtime);
+  }
+
+  private noteIgnored(name: string): void {
+    if (this.ignoredXattrNames.size < IGNORED_NAMES_KEPT) this.ignoredXattrNames.add(name);
+  }
+
+  /** Whether this xattr is set here (see the header comment for the policy). */
+  private wantXattr(x: Xattr, e: LayerEntry): boolean {
+    if (x.name === 'security.capability' || x.name.startsWith('trusted.')) return this.opts.root;
+    if (x.name.startsWith('user.')) return e.kind === 'file' || e.kind === 'directory';
+    return false;
+  }
+
+  /** Set the entry's xattrs on `host`, which this entry just created (or the directory it merges into). */
+  private setXattrs(host: string, e: LayerEntry): void {
+    for (const x of e.xattrs) {
+      if (!this.wantXattr(x, e)) {
+        this.ignoredXattrs++;
+        this.noteIgnored(x.name);
+        continue;
+      }
+      try {
+        lsetxattr(host, x.name, x.value);
+        this.xattrs++;
+      } catch (err) {
+        const code = (err as NodeJS.ErrnoException).code;
+        if (code === 'ENOTSUP' || code === 'EOPNOTSUPP') {
+          this.ignoredXattrs++;
+          this.noteIgnored(x.name);
+        } else if (code === 'EINVAL' || code === 'EPERM' || code === 'E2BIG' || code === 'ERANGE') {
+          throw badEntry(this.ctx, e.name, `has extended attribute ${JSON.stringify(x.name.slice(0, 100))}, which the kernel refuses (${code})`);
+        } else {
+          throw err;
+        }
+      }
     }
   }
 
@@ -323,7 +406,7 @@ export class LayerApplier {
   private makeParentDir(host: string): void {
     fs.mkdirSync(host, 0o755);
     this.fresh.add(host);
-    if (this.opts.chown) fs.chownSync(host, 0, 0);
+    if (this.opts.root) fs.chownSync(host, 0, 0);
     fs.chmodSync(host, 0o755);
     this.markWritten(host);
   }

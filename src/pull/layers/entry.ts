@@ -1,7 +1,9 @@
 /**
  * One tar header, as tar-stream decoded it, checked and turned into a typed entry: cleaned path
- * components, kind, owner, mode, times. Everything here is untrusted layer content; whatever this
- * module does not accept becomes BAD_IMAGE naming the entry, the layer and the image.
+ * components, kind, owner, mode, times, device numbers, extended attributes. Everything here is
+ * untrusted layer content; whatever this module does not accept becomes BAD_IMAGE naming the
+ * entry, the layer and the image. Also: the layer bounds (LayerLimits) with the cdh.toml key that
+ * raises each one.
  */
 import type { Header } from 'tar-stream';
 import { ErrorCode, GuestpullError } from '../../errors.js';
@@ -18,6 +20,23 @@ export interface LayerLimits {
   maxUncompressedBytes: number;
   /** uncompressed / compressed, checked once more than 1 MiB has been inflated. */
   maxRatio: number;
+  /** Bytes of one PAX (`x`, `g`) or GNU long name/link (`L`, `K`) header's data. */
+  maxPaxHeaderBytes: number;
+}
+
+/** The cdh.toml `[image]` key that sets each bound (src/config maps them onto these fields). */
+export const LIMIT_KEYS: Readonly<Record<keyof LayerLimits, string>> = Object.freeze({
+  maxEntries: 'max_layer_entries',
+  maxPathLength: 'max_path_length',
+  maxPathDepth: 'max_path_depth',
+  maxUncompressedBytes: 'max_layer_bytes',
+  maxRatio: 'max_layer_ratio',
+  maxPaxHeaderBytes: 'max_pax_header_bytes',
+});
+
+/** "(maxEntries; raise [image] max_layer_entries in cdh.toml if the image is trusted)", for messages. */
+export function limitHint(limit: keyof LayerLimits): string {
+  return `(${limit}; if the image is legitimate, raise [image] ${LIMIT_KEYS[limit]} in cdh.toml)`;
 }
 
 export const DEFAULT_LAYER_LIMITS: LayerLimits = Object.freeze({
@@ -26,6 +45,7 @@ export const DEFAULT_LAYER_LIMITS: LayerLimits = Object.freeze({
   maxPathDepth: 256,
   maxUncompressedBytes: 64 * 1024 ** 3,
   maxRatio: 1000,
+  maxPaxHeaderBytes: 1024 * 1024,
 });
 
 /** Who we are talking about in messages. */
@@ -34,7 +54,30 @@ export interface LayerContext {
   layer: string;
 }
 
-export type EntryKind = 'file' | 'directory' | 'symlink' | 'link';
+export type EntryKind = 'file' | 'directory' | 'symlink' | 'link' | 'char' | 'block' | 'fifo';
+
+/** One `SCHILY.xattr.<name>` PAX record, its value as raw bytes. */
+export interface Xattr {
+  name: string;
+  value: Buffer;
+}
+
+/** Linux limits (XATTR_NAME_MAX, XATTR_SIZE_MAX) and device numbers (12-bit major, 20-bit minor). */
+const XATTR_NAME_MAX = 255;
+const XATTR_SIZE_MAX = 65536;
+const MAX_MAJOR = 0xfff;
+const MAX_MINOR = 0xfffff;
+
+/**
+ * Raw PAX records of each header, as bytes (tar-stream decodes every value as UTF-8, which mangles
+ * binary xattr values such as security.capability). Filled by the framing guard (./tarfeed.ts)
+ * from the `x` header that precedes the entry.
+ */
+const rawPax = new WeakMap<Header, ReadonlyMap<string, Buffer>>();
+
+export function setRawPax(h: Header, records: ReadonlyMap<string, Buffer>): void {
+  rawPax.set(h, records);
+}
 
 export interface LayerEntry {
   /** The name as it stood in the archive (for messages). */
@@ -52,8 +95,13 @@ export interface LayerEntry {
   /** Seconds since the epoch, fractional from PAX. */
   atime: number;
   mtime: number;
-  /** PAX xattr records (`SCHILY.xattr.*`, `LIBARCHIVE.xattr.*`) carried by the entry; not applied yet: Node has no xattr API. */
-  xattrs: number;
+  /** Device numbers of a char or block device (0 otherwise). */
+  devmajor: number;
+  devminor: number;
+  /** `SCHILY.xattr.*` records, in archive order (the applier decides which it sets). */
+  xattrs: Xattr[];
+  /** `LIBARCHIVE.xattr.*` records: ignored, as Go's archive/tar and containerd ignore them. */
+  ignoredXattrs: number;
 }
 
 /** The largest id chown(2) takes; (uid_t)-1 means "leave unchanged". */
@@ -102,19 +150,60 @@ function byteLength(s: string): number {
 }
 
 /**
- * Check one header and type it. Device nodes, FIFOs, sparse and unknown types are refused here,
- * before anything touches the rootfs.
+ * The entry's `SCHILY.xattr.*` records with raw values. An image may not carry overlayfs metadata
+ * (`trusted.overlay.*`, `user.overlay.*`): it would forge whiteouts or opaque directories in the
+ * layer store, so it is refused.
+ */
+function parseXattrs(ctx: LayerContext, h: Header, pax: Record<string, string> | null): Xattr[] {
+  if (!pax) return [];
+  const raw = rawPax.get(h);
+  const out: Xattr[] = [];
+  for (const key of Object.keys(pax)) {
+    if (!key.startsWith('SCHILY.xattr.')) continue;
+    const name = key.slice('SCHILY.xattr.'.length);
+    const value = raw?.get(key);
+    if (value === undefined) throw badEntry(ctx, h.name, `has an extended attribute record ${JSON.stringify(key.slice(0, 100))} outside its own PAX header`);
+    if (name.length === 0 || name.includes('\0') || Buffer.byteLength(name) > XATTR_NAME_MAX) {
+      throw badEntry(ctx, h.name, `has an invalid extended attribute name ${JSON.stringify(name.slice(0, 100))}`);
+    }
+    if (name.startsWith('trusted.overlay.') || name.startsWith('user.overlay.')) {
+      throw badEntry(ctx, h.name, `carries the overlayfs attribute ${JSON.stringify(name.slice(0, 100))}: an image may not forge overlay whiteouts or opaque directories`);
+    }
+    if (value.length > XATTR_SIZE_MAX) {
+      throw badEntry(ctx, h.name, `has extended attribute ${JSON.stringify(name.slice(0, 100))} of ${value.length} bytes, more than Linux allows (${XATTR_SIZE_MAX})`);
+    }
+    out.push({ name, value });
+  }
+  return out;
+}
+
+function parseDevice(ctx: LayerContext, h: Header, kind: EntryKind): { devmajor: number; devminor: number } {
+  if (kind !== 'char' && kind !== 'block') return { devmajor: 0, devminor: 0 };
+  const devmajor = h.devmajor ?? 0;
+  const devminor = h.devminor ?? 0;
+  if (!Number.isInteger(devmajor) || devmajor < 0 || devmajor > MAX_MAJOR || !Number.isInteger(devminor) || devminor < 0 || devminor > MAX_MINOR) {
+    throw badEntry(ctx, h.name, `has invalid device numbers ${String(devmajor)}:${String(devminor)}`);
+  }
+  if (kind === 'char' && devmajor === 0 && devminor === 0) {
+    throw badEntry(ctx, h.name, 'is a character device 0:0, which is an overlayfs whiteout in disguise; images delete files with .wh. entries');
+  }
+  return { devmajor, devminor };
+}
+
+/**
+ * Check one header and type it. Sparse files, contiguous files and unknown types are refused
+ * here, before anything touches the rootfs; so are char devices 0:0 and overlayfs xattrs.
  */
 export function parseEntry(ctx: LayerContext, h: Header, limits: LayerLimits): LayerEntry {
   const name = h.name;
   if (typeof name !== 'string' || name.length === 0) throw badEntry(ctx, String(name), 'has an empty name');
   if (name.includes('\0')) throw badEntry(ctx, name, 'has a NUL byte in its name');
   if (byteLength(name) > limits.maxPathLength) {
-    throw badEntry(ctx, name, `has a name longer than ${limits.maxPathLength} bytes (maxPathLength)`);
+    throw badEntry(ctx, name, `has a name longer than ${limits.maxPathLength} bytes ${limitHint('maxPathLength')}`);
   }
   const components = cleanEntryPath(name);
   if (components.length > limits.maxPathDepth) {
-    throw badEntry(ctx, name, `is nested deeper than ${limits.maxPathDepth} components (maxPathDepth)`);
+    throw badEntry(ctx, name, `is nested deeper than ${limits.maxPathDepth} components ${limitHint('maxPathDepth')}`);
   }
 
   let kind: EntryKind;
@@ -132,28 +221,35 @@ export function parseEntry(ctx: LayerContext, h: Header, limits: LayerLimits): L
       kind = 'link';
       break;
     case 'character-device':
+      kind = 'char';
+      break;
     case 'block-device':
+      kind = 'block';
+      break;
     case 'fifo':
-      throw badEntry(ctx, name, `is a ${h.type}: device nodes are not supported yet`);
+      kind = 'fifo';
+      break;
     default:
       throw badEntry(ctx, name, `has an unsupported tar entry type ${JSON.stringify(String(h.type))}`);
   }
 
   const pax = paxRecords(h);
-  let xattrs = 0;
+  let ignoredXattrs = 0;
   if (pax) {
     for (const key of Object.keys(pax)) {
       if (key.startsWith('GNU.sparse.')) throw badEntry(ctx, name, 'is a sparse file: sparse files are not supported');
-      if (key.startsWith('SCHILY.xattr.') || key.startsWith('LIBARCHIVE.xattr.')) xattrs++;
+      if (key.startsWith('LIBARCHIVE.xattr.')) ignoredXattrs++;
     }
   }
+  const xattrs = parseXattrs(ctx, h, pax);
+  const { devmajor, devminor } = parseDevice(ctx, h, kind);
 
   const linkname = h.linkname ?? '';
   if (kind === 'symlink' || kind === 'link') {
     if (linkname.length === 0) throw badEntry(ctx, name, `is a ${kind} with an empty target`);
     if (linkname.includes('\0')) throw badEntry(ctx, name, 'has a NUL byte in its link target');
     if (byteLength(linkname) > limits.maxPathLength) {
-      throw badEntry(ctx, name, `has a link target longer than ${limits.maxPathLength} bytes (maxPathLength)`);
+      throw badEntry(ctx, name, `has a link target longer than ${limits.maxPathLength} bytes ${limitHint('maxPathLength')}`);
     }
   }
 
@@ -182,6 +278,9 @@ export function parseEntry(ctx: LayerContext, h: Header, limits: LayerLimits): L
     gid: parseId(ctx, h, pax, 'gid'),
     atime,
     mtime,
+    devmajor,
+    devminor,
     xattrs,
+    ignoredXattrs,
   };
 }

@@ -6,7 +6,7 @@
 import { createHash, type Hash } from 'node:crypto';
 import { Transform, type TransformCallback } from 'node:stream';
 import { ErrorCode, GuestpullError } from '../../errors.js';
-import type { LayerContext, LayerLimits } from './entry.js';
+import { limitHint, type LayerContext, type LayerLimits } from './entry.js';
 
 /** The ratio bound only applies once this many bytes have been inflated. */
 export const RATIO_GRACE_BYTES = 1024 * 1024;
@@ -33,7 +33,7 @@ export class HashCounter extends Transform {
       cb(
         new GuestpullError(
           ErrorCode.BAD_IMAGE,
-          `layer ${this.ctx.layer} of ${this.ctx.image} inflates to more than ${this.limits.maxUncompressedBytes} bytes (maxUncompressedBytes); refusing it`,
+          `layer ${this.ctx.layer} of ${this.ctx.image} inflates to more than ${this.limits.maxUncompressedBytes} bytes ${limitHint('maxUncompressedBytes')}; refusing it`,
           { image: this.ctx.image, layer: this.ctx.layer },
         ),
       );
@@ -43,7 +43,7 @@ export class HashCounter extends Transform {
       cb(
         new GuestpullError(
           ErrorCode.BAD_IMAGE,
-          `layer ${this.ctx.layer} of ${this.ctx.image} inflates more than ${this.limits.maxRatio} times its compressed size of ${this.compressedSize} bytes (maxRatio): a decompression bomb or a wrong descriptor size`,
+          `layer ${this.ctx.layer} of ${this.ctx.image} inflates more than ${this.limits.maxRatio} times its compressed size of ${this.compressedSize} bytes: a decompression bomb or a wrong descriptor size ${limitHint('maxRatio')}`,
           { image: this.ctx.image, layer: this.ctx.layer },
         ),
       );

@@ -1,11 +1,14 @@
 /**
  * Apply one image layer into a flattened rootfs (copy mode), verified and bounded:
  *
- *   source → gunzip (or nothing) → HashCounter (diff_id digest, size and ratio bounds)
- *          → TarFeeder (tar-stream, framing checks) → LayerApplier (whiteouts, links, owners)
+ *   source → gunzip | zstd (./zstd.ts) | nothing → HashCounter (diff_id digest, size and ratio bounds)
+ *          → TarFeeder (tar-stream, framing checks) → LayerApplier (whiteouts, links, owners,
+ *            xattrs, devices; see ./apply.ts for the layer semantics)
  *
  * The diff_id is checked over every decompressed byte once the stream has ended; the entries
  * have been written by then, so on any failure the caller discards the whole staging rootfs.
+ * Bounds come from `limits` (src/config's Config.image.limits has the same field names; each
+ * message names the cdh.toml key that raises the bound).
  */
 import path from 'node:path';
 import type { Readable, TransformOptions } from 'node:stream';
@@ -18,8 +21,9 @@ import { LayerApplier } from './apply.js';
 import { DEFAULT_LAYER_LIMITS, type LayerContext, type LayerLimits } from './entry.js';
 import { HashCounter } from './hash.js';
 import { TarFeeder } from './tarfeed.js';
+import { zstdDecompress } from './zstd.js';
 
-export { DEFAULT_LAYER_LIMITS, type LayerLimits } from './entry.js';
+export { DEFAULT_LAYER_LIMITS, LIMIT_KEYS, type LayerLimits } from './entry.js';
 
 export interface ApplyLayerOptions {
   /** The layer blob as downloaded (compressed per mediaType); its producer verifies the blob digest. */
@@ -41,6 +45,9 @@ export interface ApplyLayerOptions {
 export interface ApplyLayerResult {
   entries: number;
   uncompressedBytes: number;
+  /** Extended attributes set, and those left out (see ./apply.ts for which and why). */
+  xattrs: number;
+  ignoredXattrs: number;
   ms: number;
 }
 
@@ -62,14 +69,6 @@ export async function applyLayer(opts: ApplyLayerOptions): Promise<ApplyLayerRes
       context,
     );
   }
-  if (compression === 'zstd') {
-    opts.source.destroy();
-    throw new GuestpullError(
-      ErrorCode.UNIMPLEMENTED,
-      `zstd layers are not supported yet (layer ${opts.layerDigest} of ${opts.image}); use an image with gzip or uncompressed layers`,
-      context,
-    );
-  }
   let expected: { algorithm: 'sha256' | 'sha512'; hex: string };
   try {
     expected = parseDigest(opts.diffId);
@@ -84,14 +83,14 @@ export async function applyLayer(opts: ApplyLayerOptions): Promise<ApplyLayerRes
 
   let applier: LayerApplier;
   try {
-    applier = new LayerApplier(path.resolve(opts.rootfs), ctx, limits, { chown: process.getuid?.() === 0 });
+    applier = new LayerApplier(path.resolve(opts.rootfs), ctx, limits, { root: process.getuid?.() === 0 });
   } catch (e) {
     opts.source.destroy();
     const ge = asGuestpullError(e);
     throw new GuestpullError(ge.code, `cannot unpack layer ${opts.layerDigest} of ${opts.image} into ${opts.rootfs}: ${ge.message}`, context, { cause: e });
   }
-  const hasher = new HashCounter(expected.algorithm, opts.compressedSize, limits, ctx, compression === 'gzip');
-  const feeder = new TarFeeder(ctx, (header, body) => applier.apply(header, body));
+  const hasher = new HashCounter(expected.algorithm, opts.compressedSize, limits, ctx, compression !== 'none');
+  const feeder = new TarFeeder(ctx, (header, body) => applier.apply(header, body), limits);
 
   let sourceError: unknown = null;
   let gunzipError: unknown = null;
@@ -108,6 +107,8 @@ export async function applyLayer(opts: ApplyLayerOptions): Promise<ApplyLayerRes
         gunzipError ??= e;
       });
       await pipeline(opts.source, gunzip, hasher, feeder, pipelineOpts);
+    } else if (compression === 'zstd') {
+      await pipeline(opts.source, zstdDecompress(ctx), hasher, feeder, pipelineOpts);
     } else {
       await pipeline(opts.source, hasher, feeder, pipelineOpts);
     }
@@ -145,13 +146,15 @@ export async function applyLayer(opts: ApplyLayerOptions): Promise<ApplyLayerRes
   await applier.finish();
 
   const ms = Math.round(performance.now() - started);
-  if (applier.xattrs > 0) {
-    // Node has no xattr API: SCHILY.xattr.* records (security.capability among them) are not applied yet.
-    opts.logger.debug({ image: opts.image, layer: opts.layerDigest, xattrs: applier.xattrs }, 'layer extended attributes ignored');
+  if (applier.ignoredXattrs > 0) {
+    opts.logger.debug(
+      { image: opts.image, layer: opts.layerDigest, ignoredXattrs: applier.ignoredXattrs, names: [...applier.ignoredXattrNames] },
+      'layer extended attributes left out',
+    );
   }
   opts.logger.debug(
-    { image: opts.image, layer: opts.layerDigest, entries: applier.entries, bytes: hasher.bytes, ms },
+    { image: opts.image, layer: opts.layerDigest, entries: applier.entries, bytes: hasher.bytes, xattrs: applier.xattrs, ms },
     'layer unpacked',
   );
-  return { entries: applier.entries, uncompressedBytes: hasher.bytes, ms };
+  return { entries: applier.entries, uncompressedBytes: hasher.bytes, xattrs: applier.xattrs, ignoredXattrs: applier.ignoredXattrs, ms };
 }

@@ -10,7 +10,11 @@
  *   global header (`g`, which tar-stream merges into later entries and Go ignores) is accepted only
  *   with harmless records (comment, charset);
  * - a NUL-typed (pre-POSIX) entry whose name ends in `/` is a directory, as in Go (tar-stream
- *   calls it a file).
+ *   calls it a file);
+ * - one PAX or GNU long name/link header may hold at most `maxPaxHeaderBytes` (default 1 MiB, Go's
+ *   own limit), and a PAX header must be well-formed (Go refuses malformed records too);
+ * - the raw bytes of the PAX records reach entry.ts (setRawPax): tar-stream decodes values as
+ *   UTF-8, which would mangle binary xattr values such as security.capability.
  *
  * Entry types whose data Go skips but tar-stream reads (links, devices with a size) are refused by
  * entry.ts, so both parsers agree on where every header starts.
@@ -21,15 +25,17 @@
 import { Writable } from 'node:stream';
 import tar, { type ExtractEvents, type Header } from 'tar-stream';
 import { ErrorCode, GuestpullError } from '../../errors.js';
-import type { LayerContext } from './entry.js';
+import { DEFAULT_LAYER_LIMITS, limitHint, setRawPax, type LayerContext, type LayerLimits } from './entry.js';
 
 export type EntryBody = ExtractEvents['entry'][1];
 export type EntryHandler = (header: Header, body: EntryBody) => Promise<void>;
 
 const BLOCK = 512;
 const ZERO_BLOCK = Buffer.alloc(BLOCK);
-/** Bytes of extension headers (and their data) allowed between two entries. */
+/** Bytes of extension headers (and their data) allowed between two entries, at least. */
 export const MAX_HEADER_GAP = 16 * 1024 * 1024;
+/** Extension headers that may stand before one entry and hold data: g, x, L, K (plus slack). */
+const GAP_HEADERS = 4;
 /** PAX global records that change nothing we read. */
 const HARMLESS_GLOBAL_KEYS = new Set(['comment', 'charset', 'hdrcharset']);
 
@@ -63,7 +69,13 @@ export function decodeNumeric(field: Buffer): number {
 
 /** Strict PAX record parser (`<len> <key>=<value>\n`...); null when malformed. */
 export function parsePaxRecords(buf: Buffer): Map<string, string> | null {
-  const out = new Map<string, string>();
+  const raw = parsePaxRecordsRaw(buf);
+  return raw === null ? null : new Map([...raw].map(([k, v]) => [k, v.toString('utf8')]));
+}
+
+/** The same, values as raw bytes (a later record with the same key wins, as in Go and tar-stream). */
+export function parsePaxRecordsRaw(buf: Buffer): Map<string, Buffer> | null {
+  const out = new Map<string, Buffer>();
   let at = 0;
   while (at < buf.length) {
     const sp = buf.indexOf(0x20, at);
@@ -72,10 +84,10 @@ export function parsePaxRecords(buf: Buffer): Map<string, string> | null {
     if (!/^[0-9]+$/.test(lenText)) return null;
     const len = Number(lenText);
     if (len <= sp - at + 2 || at + len > buf.length || buf[at + len - 1] !== 0x0a) return null;
-    const record = buf.subarray(sp + 1, at + len - 1).toString('utf8');
-    const eq = record.indexOf('=');
+    const record = buf.subarray(sp + 1, at + len - 1);
+    const eq = record.indexOf(0x3d);
     if (eq <= 0) return null;
-    out.set(record.slice(0, eq), record.slice(eq + 1));
+    out.set(record.subarray(0, eq).toString('utf8'), Buffer.from(record.subarray(eq + 1)));
     at += len;
   }
   return out;
@@ -95,8 +107,16 @@ export class FramingGuard {
   private keepFrom = 0;
   /** A zero block stood where a header was due: the archive has ended. */
   ended = false;
+  private readonly maxHeaderBytes: number;
+  private readonly maxGap: number;
 
-  constructor(private readonly ctx: LayerContext) {}
+  constructor(
+    private readonly ctx: LayerContext,
+    limits: Pick<LayerLimits, 'maxPaxHeaderBytes'> = DEFAULT_LAYER_LIMITS,
+  ) {
+    this.maxHeaderBytes = limits.maxPaxHeaderBytes;
+    this.maxGap = Math.max(MAX_HEADER_GAP, GAP_HEADERS * (BLOCK + roundUp(limits.maxPaxHeaderBytes)));
+  }
 
   /** Record a chunk about to be written to the parser. */
   push(chunk: Buffer): void {
@@ -105,8 +125,8 @@ export class FramingGuard {
     if (this.ended || this.pos <= this.keepFrom) return;
     if (this.chunks.length === 0) this.chunksStart = start;
     this.chunks.push(chunk);
-    if (this.pos - Math.max(this.keepFrom, this.chunksStart) > MAX_HEADER_GAP) {
-      throw framingError(this.ctx, `more than ${MAX_HEADER_GAP} bytes of extension headers before one entry`);
+    if (this.pos - Math.max(this.keepFrom, this.chunksStart) > this.maxGap) {
+      throw framingError(this.ctx, `more than ${this.maxGap} bytes of extension headers before one entry ${limitHint('maxPaxHeaderBytes')}`);
     }
     this.checkEnd();
   }
@@ -115,6 +135,7 @@ export class FramingGuard {
   onEntry(header: Header, offset: number): void {
     if (this.ended) throw framingError(this.ctx, `entry ${JSON.stringify(header.name.slice(0, 200))} follows the end-of-archive marker`);
     let p = this.keepFrom;
+    let pax: Map<string, Buffer> | null = null;
     while (p < offset) {
       const blk = this.read(p, BLOCK);
       if (blk.equals(ZERO_BLOCK)) {
@@ -123,7 +144,17 @@ export class FramingGuard {
       const flag = String.fromCharCode(blk[156]!);
       const size = decodeNumeric(blk.subarray(124, 136));
       if (!Number.isSafeInteger(size) || size < 0) throw framingError(this.ctx, 'an extension header has an invalid size');
-      if (flag === 'g') {
+      if (size > this.maxHeaderBytes) {
+        throw framingError(
+          this.ctx,
+          `a ${flag === 'L' || flag === 'K' ? 'GNU long name' : 'PAX'} header of ${size} bytes before entry ${JSON.stringify(header.name.slice(0, 200))} is larger than ${this.maxHeaderBytes} bytes ${limitHint('maxPaxHeaderBytes')}`,
+        );
+      }
+      if (flag === 'x') {
+        // The last `x` header before an entry is the one that applies (Go and tar-stream agree).
+        pax = parsePaxRecordsRaw(this.read(p + BLOCK, size));
+        if (pax === null) throw framingError(this.ctx, `malformed PAX header before entry ${JSON.stringify(header.name.slice(0, 200))}`);
+      } else if (flag === 'g') {
         const records = parsePaxRecords(this.read(p + BLOCK, size));
         if (records === null) throw framingError(this.ctx, 'malformed PAX global header');
         for (const key of records.keys()) {
@@ -131,12 +162,13 @@ export class FramingGuard {
             throw framingError(this.ctx, `PAX global header record ${JSON.stringify(key.slice(0, 100))} is not supported`);
           }
         }
-      } else if (flag !== 'x' && flag !== 'L' && flag !== 'K') {
+      } else if (flag !== 'L' && flag !== 'K') {
         throw framingError(this.ctx, `unexpected header type ${JSON.stringify(flag)} before entry ${JSON.stringify(header.name.slice(0, 200))}`);
       }
       p += BLOCK + roundUp(size);
     }
     if (p !== offset) throw framingError(this.ctx, `extension headers do not end where entry ${JSON.stringify(header.name.slice(0, 200))} starts`);
+    if (pax !== null) setRawPax(header, pax);
     if (this.read(offset, BLOCK)[156] === 0 && header.type === 'file' && header.name.endsWith('/')) {
       if (header.size !== 0) throw framingError(this.ctx, `directory entry ${JSON.stringify(header.name.slice(0, 200))} has data`);
       header.type = 'directory';
@@ -199,9 +231,13 @@ export class TarFeeder extends Writable {
   private finished = false;
   private tearingDown = false;
 
-  constructor(private readonly ctx: LayerContext, handler: EntryHandler) {
+  constructor(
+    private readonly ctx: LayerContext,
+    handler: EntryHandler,
+    limits: Pick<LayerLimits, 'maxPaxHeaderBytes'> = DEFAULT_LAYER_LIMITS,
+  ) {
     super({ highWaterMark: 256 * 1024 });
-    this.guard = new FramingGuard(ctx);
+    this.guard = new FramingGuard(ctx, limits);
     this.extract.on('entry', (header, body, next) => {
       // The handler reads errors through iteration; without a listener a destroyed body would throw.
       body.on('error', () => {});
