@@ -11,6 +11,7 @@ api.ImagePullService/PullImage over gRPC, or pulls one image from the command li
 Commands:
   serve              run the gRPC daemon (ImagePullService + grpc.health.v1)
   pull IMAGE BUNDLE  pull one image into BUNDLE/rootfs + BUNDLE/config.json, print its digest
+  gc                 clean the work dir (layer store); --drop-unused frees unused layers
   initdata ...       prepare init-data on the host: digest, pack, annotation, check
   help [COMMAND]     show help
 
@@ -73,6 +74,25 @@ Options:
 ${COMMON_OPTIONS}
   --log-level LEVEL    trace, debug, info, warn, error, fatal or silent (default warn;
                        [log] level in cdh.toml is for the daemon and is not used here)
+  -h, --help           show this help
+
+${EXIT_CODES_HELP}`;
+
+export const GC_HELP = `Usage: guestpull gc [--work-dir DIR] [--config CDH_TOML] [--drop-unused] [--log-level LEVEL]
+
+Garbage-collect the work dir (the layer store), also while a daemon is using it. Always removed:
+what killed or crashed guestpull processes left (staging directories, build mounts), layers
+without a complete record, and the records (with upper and work directories) of overlay bundles
+that are no longer mounted at their rootfs, e.g. because the runtime unmounted them. Layers a
+live bundle or a running pull uses are never removed. Prints one summary line.
+
+Options:
+  -c, --config FILE    cdh.toml whose [image] work_dir to clean
+  --work-dir DIR       the work dir to clean; overrides [image] work_dir
+                       (default ${DEFAULT_WORK_DIR})
+  --drop-unused        also remove every layer and cached image config that no mounted
+                       (or still being pulled) bundle uses; later pulls download them again
+  --log-level LEVEL    trace, debug, info, warn, error, fatal or silent (default warn)
   -h, --help           show this help
 
 ${EXIT_CODES_HELP}`;

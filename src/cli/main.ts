@@ -1,10 +1,11 @@
 /**
- * Command dispatch for the guestpull CLI: `serve`, `pull`, `initdata …`, `help`, `--help`, `--version`.
+ * Command dispatch for the guestpull CLI: `serve`, `pull`, `gc`, `initdata …`, `help`, `--help`, `--version`.
  * Every failure leaves as one stderr line and an exit code from ./exit-codes.ts.
  */
 import { asGuestpullError } from '../errors.js';
 import { reportFailure, usageError } from './exit-codes.js';
-import { INITDATA_HELP, MAIN_HELP, PULL_HELP, SERVE_HELP } from './help.js';
+import { parseGcArgs, runGc } from './gc.js';
+import { GC_HELP, INITDATA_HELP, MAIN_HELP, PULL_HELP, SERVE_HELP } from './help.js';
 import { INITDATA_SUBCOMMAND_HELP, runInitdata } from './initdata.js';
 import { parsePullArgs, runPull } from './pull.js';
 import { parseServeArgs, runServe } from './serve.js';
@@ -13,6 +14,7 @@ import { packageVersion } from './version.js';
 const HELP: Readonly<Record<string, string>> = {
   serve: SERVE_HELP,
   pull: PULL_HELP,
+  gc: GC_HELP,
   initdata: INITDATA_HELP,
   ...Object.fromEntries(Object.entries(INITDATA_SUBCOMMAND_HELP).map(([k, v]) => [`initdata ${k}`, v])),
 };
@@ -47,6 +49,10 @@ export async function main(argv: string[]): Promise<number> {
       case 'pull': {
         const args = parsePullArgs(rest);
         return args.help ? out(PULL_HELP) : await runPull(args);
+      }
+      case 'gc': {
+        const args = parseGcArgs(rest);
+        return args.help ? out(GC_HELP) : await runGc(args);
       }
       case 'initdata':
         return await runInitdata(rest);

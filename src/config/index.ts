@@ -17,6 +17,9 @@ export { LOG_LEVELS } from './schema.js';
 
 export const DEFAULT_WORK_DIR = '/run/kata-containers/image/';
 export const DEFAULT_MAX_CONCURRENT_LAYER_DOWNLOADS = 3;
+/** How bundles get their rootfs: `[image] snapshotter` (guestpull extension). */
+export type Snapshotter = 'overlay' | 'copy' | 'auto';
+export const DEFAULT_SNAPSHOTTER: Snapshotter = 'auto';
 /** Where the kata agent expects the data hub (the reference daemon's ttrpc address). */
 export const DEFAULT_SOCKET = 'unix:///run/confidential-containers/cdh.sock';
 /** A cdh.toml is a few KiB; refuse anything absurd before parsing it. */
@@ -44,12 +47,48 @@ export const DEFAULT_NETWORK: NetworkConfig = {
   maxAttempts: 5,
 };
 
+/**
+ * Bounds on image content ([image] max_* keys in cdh.toml, guestpull extensions). The layer fields
+ * have the names of the layer pipeline's LayerLimits, so `limits` can be handed to applyLayer as is.
+ */
+export interface ImageLimits {
+  /** max_manifest_bytes: a manifest or index document. */
+  maxManifestBytes: number;
+  /** max_config_bytes: the image config blob. */
+  maxConfigBytes: number;
+  /** max_layer_bytes: uncompressed bytes of one layer. */
+  maxUncompressedBytes: number;
+  /** max_layer_ratio: uncompressed / compressed bytes of one layer (checked past the first MiB). */
+  maxRatio: number;
+  /** max_layer_entries: tar entries in one layer. */
+  maxEntries: number;
+  /** max_path_length: bytes in an entry name or link target. */
+  maxPathLength: number;
+  /** max_path_depth: components in an entry name. */
+  maxPathDepth: number;
+  /** max_pax_header_bytes: one PAX or GNU long name/link header (Go's archive/tar stops at 1 MiB too). */
+  maxPaxHeaderBytes: number;
+}
+
+export const DEFAULT_IMAGE_LIMITS: Readonly<ImageLimits> = Object.freeze({
+  maxManifestBytes: 4 * 1024 * 1024,
+  maxConfigBytes: 4 * 1024 * 1024,
+  maxUncompressedBytes: 64 * 1024 ** 3,
+  maxRatio: 1000,
+  maxEntries: 1_000_000,
+  maxPathLength: 4096,
+  maxPathDepth: 256,
+  maxPaxHeaderBytes: 1024 * 1024,
+});
+
 export interface Config {
   socket?: string;
   log: { level?: string };
   image: {
     workDir: string;
     maxConcurrentLayerDownloadsPerImage: number;
+    /** overlay mount of the layer store, flattened copy, or auto (overlay when the kernel allows). */
+    snapshotter: Snapshotter;
     imagePullProxy?: ImagePullProxy;
     extraRootCertificates: string[];
     registryConfig?: RegistriesConf;
@@ -58,6 +97,7 @@ export interface Config {
     /** An auth.json document given inline (JSON text). */
     authenticatedRegistryCredentials?: string;
     network: NetworkConfig;
+    limits: ImageLimits;
     imageSecurityPolicy?: string;
     imageSecurityPolicyUri?: string;
     sigstoreConfig?: string;
@@ -84,8 +124,10 @@ export function defaultConfig(): Config {
     image: {
       workDir: DEFAULT_WORK_DIR,
       maxConcurrentLayerDownloadsPerImage: DEFAULT_MAX_CONCURRENT_LAYER_DOWNLOADS,
+      snapshotter: DEFAULT_SNAPSHOTTER,
       extraRootCertificates: [],
       network: { ...DEFAULT_NETWORK },
+      limits: { ...DEFAULT_IMAGE_LIMITS },
     },
   };
 }
@@ -191,6 +233,7 @@ export function parseConfig(tomlText: string, source: string): LoadedConfig {
       workDir: img.work_dir ?? DEFAULT_WORK_DIR,
       maxConcurrentLayerDownloadsPerImage:
         img.max_concurrent_layer_downloads_per_image ?? DEFAULT_MAX_CONCURRENT_LAYER_DOWNLOADS,
+      snapshotter: img.snapshotter ?? DEFAULT_SNAPSHOTTER,
       imagePullProxy: proxy
         ? nonEmpty(compact({ httpsProxy: proxy.https_proxy, httpProxy: proxy.http_proxy, noProxy: proxy.no_proxy }))
         : undefined,
@@ -204,6 +247,16 @@ export function parseConfig(tomlText: string, source: string): LoadedConfig {
         headersTimeoutMs: secs(img.headers_timeout_secs) ?? DEFAULT_NETWORK.headersTimeoutMs,
         idleTimeoutMs: secs(img.idle_timeout_secs) ?? DEFAULT_NETWORK.idleTimeoutMs,
         maxAttempts: img.max_attempts ?? DEFAULT_NETWORK.maxAttempts,
+      },
+      limits: {
+        maxManifestBytes: img.max_manifest_bytes ?? DEFAULT_IMAGE_LIMITS.maxManifestBytes,
+        maxConfigBytes: img.max_config_bytes ?? DEFAULT_IMAGE_LIMITS.maxConfigBytes,
+        maxUncompressedBytes: img.max_layer_bytes ?? DEFAULT_IMAGE_LIMITS.maxUncompressedBytes,
+        maxRatio: img.max_layer_ratio ?? DEFAULT_IMAGE_LIMITS.maxRatio,
+        maxEntries: img.max_layer_entries ?? DEFAULT_IMAGE_LIMITS.maxEntries,
+        maxPathLength: img.max_path_length ?? DEFAULT_IMAGE_LIMITS.maxPathLength,
+        maxPathDepth: img.max_path_depth ?? DEFAULT_IMAGE_LIMITS.maxPathDepth,
+        maxPaxHeaderBytes: img.max_pax_header_bytes ?? DEFAULT_IMAGE_LIMITS.maxPaxHeaderBytes,
       },
       imageSecurityPolicy: img.image_security_policy,
       imageSecurityPolicyUri: img.image_security_policy_uri,

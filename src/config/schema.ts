@@ -42,10 +42,17 @@ const PemCertificate = z
   });
 
 const Table = z.record(z.string(), z.unknown());
+const MiB = 1024 * 1024;
 
 export const ImageSection = z.object({
   work_dir: AbsolutePath.optional(),
   max_concurrent_layer_downloads_per_image: z.number().int().min(1).max(64).optional(),
+  /**
+   * guestpull extension: how a bundle's rootfs is made. `overlay`: an overlay mount of the layer
+   * store; `copy`: the layers flattened into a plain directory; `auto` (default): overlay when a
+   * test mount works on this kernel, else copy.
+   */
+  snapshotter: z.enum(['overlay', 'copy', 'auto'], { error: 'expected "overlay", "copy" or "auto"' }).optional(),
   image_pull_proxy: z
     .object({
       https_proxy: ProxyUrl.optional(),
@@ -65,6 +72,20 @@ export const ImageSection = z.object({
   headers_timeout_secs: z.number().positive().max(3600).optional(),
   idle_timeout_secs: z.number().positive().max(3600).optional(),
   max_attempts: z.number().int().min(1).max(20).optional(),
+  /**
+   * guestpull extensions: bounds on what an image may make us read or write (defaults in
+   * ./index.ts DEFAULT_IMAGE_LIMITS). Manifest and index documents, the image config, and per
+   * layer: uncompressed bytes, uncompressed/compressed ratio, tar entries, path length and depth,
+   * and the size of one PAX or GNU long-name header.
+   */
+  max_manifest_bytes: z.number().int().min(1024).max(256 * MiB).optional(),
+  max_config_bytes: z.number().int().min(1024).max(256 * MiB).optional(),
+  max_layer_bytes: z.number().int().min(MiB).max(Number.MAX_SAFE_INTEGER).optional(),
+  max_layer_ratio: z.number().min(2).max(1e9).optional(),
+  max_layer_entries: z.number().int().min(1).max(1e9).optional(),
+  max_path_length: z.number().int().min(255).max(65536).optional(),
+  max_path_depth: z.number().int().min(16).max(65536).optional(),
+  max_pax_header_bytes: z.number().int().min(4096).max(256 * MiB).optional(),
   image_security_policy: z.string().optional(),
   image_security_policy_uri: z.string().optional(),
   sigstore_config: z.string().optional(),

@@ -1,7 +1,16 @@
 /**
  * One pull from start to finish: reference → candidate locations → manifest (platform chosen) →
- * config → layers applied in order into a staging rootfs → config.json → published. Identical
+ * config (cached in the store by digest, in overlay mode) → rootfs → config.json. Identical
  * concurrent requests share one pull; different images run side by side.
+ *
+ * The rootfs, by `[image] snapshotter`:
+ * - overlay: every layer missing from the store is unpacked into it on top of its parents (a layer
+ *   two pulls need is unpacked once), then `<bundle>/rootfs` is an overlay mount of the store's
+ *   layers; an image whose layers are all in the store costs one manifest request;
+ * - copy: the layers applied in order into a staging rootfs inside the bundle, published by rename;
+ *   the store is not used, not even for configs (in a guest its copy of every layer would cost RAM
+ *   twice), so every copy pull downloads the whole image;
+ * - auto: overlay when a test mount works, else copy.
  */
 import path from 'node:path';
 import type { Config, RegistriesConf } from '../config/index.js';
@@ -12,20 +21,24 @@ import { formatReference, manifestReference, parseReference, type ImageReference
 import { firstSuccessful } from './candidates.js';
 import { CredentialStore, explainAuthFailure, loadCredentials } from './credentials/index.js';
 import { checkBundleFree, validateBundlePath, writeFileAtomic } from './bundle/path.js';
+import { mountOverlayBundle } from './bundle/overlay.js';
 import { buildRuntimeSpec } from './bundle/spec.js';
 import { RegistryClient, currentPlatform, resolveImage, type Credentials, type ResolvedImage } from './distribution/index.js';
+import type { Descriptor } from '../oci.js';
 import { Transport } from './distribution/transport/index.js';
 import { applyLayer } from './layers/index.js';
 import { candidatesFor, type Candidate } from './registries/index.js';
 import { loadRegistryConfiguration } from './registries/load.js';
 import { createStaging } from './stage.js';
-import { openWorkDir } from './store/index.js';
+import { chainIds, Store, type BundleMode, type LayerSpec, type UnpackResult } from './store/index.js';
 
 export interface PullOptions {
   signal?: AbortSignal;
 }
 export interface PullResult {
   manifestDigest: string;
+  /** How the rootfs was made. */
+  snapshotter: BundleMode;
 }
 export interface PullerOptions {
   config: Config;
@@ -37,9 +50,6 @@ export interface PullerOptions {
    */
   pullWarnings?: string[];
 }
-
-/** Upper bound for an image config blob (image-spec configs are small; 4 MiB as for manifests). */
-const MAX_CONFIG_BYTES = 4 * 1024 * 1024;
 
 /**
  * Keys that would tighten what may be pulled must not be silently ignored: until guestpull acts on
@@ -68,7 +78,7 @@ export class Puller {
   private readonly logger: Logger;
   private readonly transport: Transport;
   private readonly inflight = new Map<string, { image: string; promise: Promise<PullResult> }>();
-  private workDir: Promise<string> | undefined;
+  private store: Promise<Store> | undefined;
   private readonly pullWarnings: string[];
   /** The registry configuration and credentials in force, loaded once here so bad ones fail at start. */
   private readonly registries: RegistriesConf;
@@ -117,16 +127,32 @@ export class Puller {
   }
 
   async close(): Promise<void> {
+    const store = this.store;
+    this.store = undefined;
     await this.transport.close();
+    if (store) await store.then((s) => s.release(), () => undefined);
+  }
+
+  /** The layer store of work_dir, opened (locked, cleaned) at the first pull. */
+  private openStore(): Promise<Store> {
+    if (!this.store) {
+      const p = Store.open({ workDir: this.config.image.workDir, logger: this.logger });
+      // A failed open is retried by the next pull.
+      p.catch(() => {
+        if (this.store === p) this.store = undefined;
+      });
+      this.store = p;
+    }
+    return this.store;
   }
 
   private async pullInto(ref: ImageReference, image: string, bundle: string, signal?: AbortSignal): Promise<PullResult> {
     const started = Date.now();
     const log = this.logger.child({ image, bundle });
     for (const w of this.pullWarnings) log.warn(w);
-    this.workDir ??= openWorkDir(this.config.image.workDir);
-    await this.workDir;
+    const store = await this.openStore();
     await checkBundleFree(bundle);
+    const limits = this.config.image.limits;
 
     const candidates = candidatesFor(ref, this.registries);
     const platform = currentPlatform();
@@ -145,7 +171,11 @@ export class Puller {
     const { manifest, manifestDigest } = resolved;
     log.info({ registry: candidate.registry, repository: candidate.repository, manifestDigest, layers: manifest.layers.length }, 'manifest resolved');
 
-    const configBytes = await client.getBlobBytes(manifest.config, MAX_CONFIG_BYTES, signal);
+    const snapshotter = await this.bundleMode(store, manifest.layers.length, image, log);
+    const configBytes =
+      snapshotter === 'overlay'
+        ? await this.imageConfigBytes(store, client, manifest.config, limits.maxConfigBytes, log, signal)
+        : await client.getBlobBytes(manifest.config, limits.maxConfigBytes, signal);
     const imageConfig = parseJson(ImageConfig, configBytes, `image config ${manifest.config.digest} of ${image}`);
     const diffIds = imageConfig.rootfs.diff_ids;
     if (diffIds.length !== manifest.layers.length) {
@@ -156,40 +186,25 @@ export class Puller {
       );
     }
 
-    const staging = await createStaging(bundle);
+    const apply = (layer: Descriptor, i: number, root: string, sig?: AbortSignal): Promise<UnpackResult> =>
+      this.applyOne(client, layer, i, diffIds[i]!, root, image, log, sig);
+    const common = { bundle, image, imageConfig, log, ...(manifest.annotations ? { manifestAnnotations: manifest.annotations } : {}), ...(signal ? { signal } : {}) };
     try {
-      let bytes = 0;
-      for (const [i, layer] of manifest.layers.entries()) {
-        signal?.throwIfAborted();
-        const t0 = Date.now();
-        const source = await client.getBlob(layer, signal);
-        const r = await applyLayer({
-          source,
-          mediaType: layer.mediaType,
-          compressedSize: layer.size,
+      if (snapshotter === 'overlay') {
+        const chain = chainIds(diffIds);
+        const specs: LayerSpec[] = manifest.layers.map((layer, i) => ({
+          chainId: chain[i]!,
           diffId: diffIds[i]!,
           layerDigest: layer.digest,
-          rootfs: staging.rootfs,
-          image,
-          logger: log,
-          ...(signal ? { signal } : {}),
-        });
-        bytes += layer.size;
-        log.info({ layer: layer.digest, index: i, bytes: layer.size, uncompressed: r.uncompressedBytes, entries: r.entries, ms: Date.now() - t0 }, 'layer applied');
+          mediaType: layer.mediaType,
+          compressedBytes: layer.size,
+          unpack: (root, sig) => apply(layer, i, root, sig),
+        }));
+        await this.overlayBundle(store, specs, manifestDigest, manifest.config.digest, common);
+      } else {
+        await this.copyBundle(manifest.layers, apply, common);
       }
-      const spec = await buildRuntimeSpec({
-        imageConfig,
-        rootfs: staging.rootfs,
-        image,
-        ...(manifest.annotations ? { manifestAnnotations: manifest.annotations } : {}),
-      });
-      signal?.throwIfAborted();
-      await staging.publishRootfs();
-      await writeFileAtomic(path.join(bundle, 'config.json'), JSON.stringify(spec, null, 2) + '\n', 0o644);
-      log.info({ manifestDigest, bytes, ms: Date.now() - started, reference: manifestReference(ref) }, 'pull complete');
-      return { manifestDigest };
     } catch (e) {
-      await staging.discard();
       // An aborted pull fails for the reason it was aborted (cancel, deadline, shutdown).
       const reason: unknown = signal?.aborted ? signal.reason : undefined;
       if (reason instanceof GuestpullError) throw reason;
@@ -197,6 +212,106 @@ export class Puller {
         throw new GuestpullError(ErrorCode.CANCELLED, `pull of ${image} was cancelled`, { image }, { cause: e });
       }
       throw asGuestpullError(e);
+    }
+    const bytes = manifest.layers.reduce((n, l) => n + l.size, 0);
+    log.info({ manifestDigest, bytes, snapshotter, ms: Date.now() - started, reference: manifestReference(ref) }, 'pull complete');
+    return { manifestDigest, snapshotter };
+  }
+
+  /** overlay or copy for this image; an image too deep for one overlay mount falls back to copy under `auto`. */
+  private async bundleMode(store: Store, layers: number, image: string, log: Logger): Promise<BundleMode> {
+    const configured = this.config.image.snapshotter;
+    const mode = await store.mode(configured, log);
+    if (mode === 'copy' || layers === 0) return 'copy';
+    if (store.overlayFits(layers)) return 'overlay';
+    if (configured === 'overlay') {
+      throw new GuestpullError(
+        ErrorCode.UNIMPLEMENTED,
+        `image ${image} has ${layers} layers, more than one overlay mount can stack here; set [image] snapshotter = "auto" or "copy"`,
+        { image },
+      );
+    }
+    log.warn({ layers }, 'too many layers for one overlay mount: this image is unpacked as a copy');
+    return 'copy';
+  }
+
+  /** The image config: from the store's cache when it has it, else fetched (verified) and cached. */
+  private async imageConfigBytes(store: Store, client: RegistryClient, desc: Descriptor, maxBytes: number, log: Logger, signal?: AbortSignal): Promise<Buffer> {
+    const cached = await store.configs.get(desc.digest, maxBytes);
+    if (cached) {
+      log.debug({ config: desc.digest }, 'image config from the store');
+      return cached;
+    }
+    const bytes = await client.getBlobBytes(desc, maxBytes, signal);
+    await store.configs.put(desc.digest, bytes).catch((e: unknown) => log.warn({ config: desc.digest, err: (e as Error).message }, 'could not cache the image config'));
+    return bytes;
+  }
+
+  /** Download one layer and apply it (verified) onto `root`. */
+  private async applyOne(client: RegistryClient, layer: Descriptor, index: number, diffId: string, root: string, image: string, log: Logger, signal?: AbortSignal): Promise<UnpackResult> {
+    const t0 = Date.now();
+    const source = await client.getBlob(layer, signal);
+    const r = await applyLayer({
+      source,
+      mediaType: layer.mediaType,
+      compressedSize: layer.size,
+      diffId,
+      layerDigest: layer.digest,
+      rootfs: root,
+      image,
+      logger: log,
+      limits: this.config.image.limits,
+      ...(signal ? { signal } : {}),
+    });
+    log.info({ layer: layer.digest, index, bytes: layer.size, uncompressed: r.uncompressedBytes, entries: r.entries, ms: Date.now() - t0 }, 'layer applied');
+    return { entries: r.entries, uncompressedBytes: r.uncompressedBytes };
+  }
+
+  /** Copy mode: every layer applied in order into a staging rootfs in the bundle, then published. */
+  private async copyBundle(
+    layers: readonly Descriptor[],
+    apply: (layer: Descriptor, i: number, root: string, sig?: AbortSignal) => Promise<UnpackResult>,
+    c: BundleCommon,
+  ): Promise<void> {
+    const staging = await createStaging(c.bundle);
+    try {
+      for (const [i, layer] of layers.entries()) {
+        c.signal?.throwIfAborted();
+        await apply(layer, i, staging.rootfs, c.signal);
+      }
+      const spec = await buildRuntimeSpec(specOptions(c, staging.rootfs));
+      c.signal?.throwIfAborted();
+      await staging.publishRootfs();
+      await writeFileAtomic(path.join(c.bundle, 'config.json'), JSON.stringify(spec, null, 2) + '\n', 0o644);
+    } catch (e) {
+      await staging.discard();
+      throw e;
+    }
+  }
+
+  /**
+   * Overlay mode: lease the bundle (its layers are kept from garbage collection from now on), make
+   * sure every layer is in the store, mount `<bundle>/rootfs` over them, then config.json.
+   */
+  private async overlayBundle(store: Store, specs: LayerSpec[], manifestDigest: string, configDigest: string, c: BundleCommon): Promise<void> {
+    const lease = await store.leaseBundle({ bundle: c.bundle, chainIds: specs.map((s) => s.chainId), image: c.image, manifestDigest, configDigest });
+    let undo: (() => Promise<void>) | undefined;
+    try {
+      await store.ensureLayers(specs, c.log, c.signal);
+      c.signal?.throwIfAborted();
+      const ob = await mountOverlayBundle({ store, lease, bundle: c.bundle, image: c.image, logger: c.log });
+      undo = ob.undo;
+      const spec = await buildRuntimeSpec(specOptions(c, ob.rootfs));
+      c.signal?.throwIfAborted();
+      await writeFileAtomic(path.join(c.bundle, 'config.json'), JSON.stringify(spec, null, 2) + '\n', 0o644);
+    } catch (e) {
+      try {
+        await undo?.();
+        await store.dropBundle(lease.id);
+      } catch (u) {
+        c.log.error({ bundle: c.bundle, err: (u as Error).message }, 'could not take down the overlay rootfs of a failed pull');
+      }
+      throw e;
     }
   }
 
@@ -208,7 +323,22 @@ export class Puller {
       transport: this.transport,
       logger: this.logger,
       image,
+      limits: { manifestBytes: this.config.image.limits.maxManifestBytes },
       ...(credentials ? { credentials } : {}),
     });
   }
+}
+
+/** What both bundle modes need to know. */
+interface BundleCommon {
+  bundle: string;
+  image: string;
+  imageConfig: ImageConfig;
+  manifestAnnotations?: Record<string, string>;
+  log: Logger;
+  signal?: AbortSignal;
+}
+
+function specOptions(c: BundleCommon, rootfs: string): Parameters<typeof buildRuntimeSpec>[0] {
+  return { imageConfig: c.imageConfig, rootfs, image: c.image, ...(c.manifestAnnotations ? { manifestAnnotations: c.manifestAnnotations } : {}) };
 }

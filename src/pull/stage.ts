@@ -1,12 +1,14 @@
 /**
- * Bundle staging: the rootfs is built in a private directory inside the bundle and published by
- * rename, then config.json is written atomically. On any failure the staging directory (and a
- * bundle directory this pull created) is removed, so a bundle holds either nothing of ours or a
- * complete rootfs + config.json.
+ * The bundle directory during a pull. Copy mode builds the rootfs in a private staging directory
+ * inside the bundle and publishes it by rename, then config.json is written atomically; overlay
+ * mode mounts the rootfs in place (./bundle/overlay.ts) and only needs the bundle directory. On any
+ * failure everything the pull made is removed (the bundle directory too, if the pull created it),
+ * so a bundle holds either nothing of ours or a complete rootfs + config.json.
  */
 import { randomBytes } from 'node:crypto';
-import { mkdir, rename, rm, rmdir } from 'node:fs/promises';
+import { chmod, mkdir, rename, rm } from 'node:fs/promises';
 import path from 'node:path';
+import { prepareBundleDir } from './bundle/dir.js';
 
 export interface Staging {
   bundle: string;
@@ -19,20 +21,13 @@ export interface Staging {
 }
 
 export async function createStaging(bundle: string): Promise<Staging> {
-  let createdBundle = false;
-  try {
-    await mkdir(bundle, { mode: 0o755 });
-    createdBundle = true;
-  } catch (e) {
-    if ((e as NodeJS.ErrnoException).code !== 'EEXIST') {
-      await mkdir(bundle, { recursive: true, mode: 0o755 });
-      createdBundle = true;
-    }
-  }
+  const dirOfBundle = await prepareBundleDir(bundle);
   const dir = path.join(bundle, `.guestpull-staging-${randomBytes(6).toString('hex')}`);
   await mkdir(dir, { mode: 0o700 });
   const rootfs = path.join(dir, 'rootfs');
-  await mkdir(rootfs, { mode: 0o755 });
+  await mkdir(rootfs);
+  // Not subject to the umask: the same root mode an overlay bundle starts from.
+  await chmod(rootfs, 0o755);
   let published: string | undefined;
   return {
     bundle,
@@ -48,7 +43,7 @@ export async function createStaging(bundle: string): Promise<Staging> {
       await rm(dir, { recursive: true, force: true });
       if (published) await rm(published, { recursive: true, force: true });
       published = undefined;
-      if (createdBundle) await rmdir(bundle).catch(() => undefined);
+      await dirOfBundle.removeIfCreated();
     },
   };
 }

@@ -97,7 +97,8 @@ export function rewriteExample(ex: LoadedExample, rewrites: readonly Rewrite[]):
  * default (/run/kata-containers/image/), which a test on the host must not use.
  */
 export function withWorkDir(config: Config, workDir: string): Config {
-  return { ...config, image: { ...config.image, workDir } };
+  // Copy mode: these tests assert per-blob registry traffic, which a layer cache would hide.
+  return { ...config, image: { ...config.image, workDir, snapshotter: 'copy' } };
 }
 
 /** The one PEM certificate block in `pem` (for rewriting an example's CA by its exact text). */

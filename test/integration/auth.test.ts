@@ -15,6 +15,7 @@ import { buildImage, type BuiltImage } from '../helpers/image-builder.js';
 import { pushImage } from '../helpers/push.js';
 import { startRegistry, type RunningRegistry } from '../helpers/registry.js';
 import { startTokenServer, type RunningTokenServer } from '../helpers/token-server.js';
+import { removeTree } from '../helpers/cleanup.js';
 
 const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 const PUSHER = { username: 'pusher', password: 'pusher-secret' };
@@ -58,7 +59,7 @@ afterAll(async () => {
   await daemon?.stop();
   await registry?.stop();
   await tokens?.stop();
-  if (tmp) await rm(tmp, { recursive: true, force: true });
+  if (tmp) await removeTree(tmp);
 });
 
 describe('anonymous bearer-token auth against the real registry', () => {

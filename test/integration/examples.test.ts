@@ -45,6 +45,7 @@ import { hasRegistryBinary, startRegistry, type RunningRegistry } from '../helpe
 import { hasSquid, startSquid, type RunningSquid, type SquidLogEntry } from '../helpers/squid.js';
 import { createPki, type Pki } from '../helpers/tls.js';
 import { goarch } from './fixtures.js';
+import { removeTree } from '../helpers/cleanup.js';
 
 const VERSION = 'examples-test';
 const UA = `guestpull/${VERSION}`;
@@ -163,7 +164,7 @@ beforeAll(async () => {
 
 afterAll(async () => {
   pki?.cleanup();
-  if (tmp) await rm(tmp, { recursive: true, force: true });
+  if (tmp) await removeTree(tmp);
 });
 
 describe('image-pull-proxy.toml: squid at the example proxy address', () => {

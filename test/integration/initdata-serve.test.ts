@@ -17,6 +17,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startDaemon } from '../helpers/daemon.js';
 import { connectClient } from '../helpers/grpc-client.js';
 import { freePort } from '../helpers/ports.js';
+import { removeTree } from '../helpers/cleanup.js';
 
 const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 const CLI = path.join(repoRoot, 'dist', 'cli.js');
@@ -87,7 +88,7 @@ beforeAll(async () => {
   tmp = await mkdtemp(path.join(os.tmpdir(), 'gp-initdata-'));
 });
 afterAll(async () => {
-  await rm(tmp, { recursive: true, force: true });
+  await removeTree(tmp);
 });
 
 describe('guestpull serve --initdata (built daemon, as a process)', () => {

@@ -23,6 +23,7 @@ import { pushImage } from '../helpers/push.js';
 import { hasRegistryBinary, startRegistry, type RunningRegistry } from '../helpers/registry.js';
 import { hasSquid, startSquid, type RunningSquid, type SquidLogEntry } from '../helpers/squid.js';
 import { createPki, issueServerCert, makeCa, type CertFiles, type Pki } from '../helpers/tls.js';
+import { removeTree } from '../helpers/cleanup.js';
 
 const PROXY_USER = { user: 'guest', password: 'pr0xy:p@ss' };
 const REPO = 'proxied/app';
@@ -128,7 +129,7 @@ beforeAll(async () => {
 afterAll(async () => {
   await Promise.all([plainReg?.stop(), tlsReg?.stop(), selfReg?.stop(), squid?.stop(), authSquid?.stop()]);
   pki?.cleanup();
-  if (tmp) await rm(tmp, { recursive: true, force: true });
+  if (tmp) await removeTree(tmp);
 });
 
 describe('squid as the forward proxy', () => {

@@ -20,6 +20,7 @@ import { hasRegistryBinary, startRegistry, type RunningRegistry } from '../helpe
 import { diffTrees, snapshotTree, type TreeEntry } from '../helpers/tree.js';
 import { hasSkopeoUmoci, referenceUnpack } from '../helpers/umoci.js';
 import { goarch, richConfig, richImage, richLayers, twoPlatformIndex } from './fixtures.js';
+import { removeTree } from '../helpers/cleanup.js';
 
 const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 
@@ -113,7 +114,7 @@ afterAll(async () => {
   client?.close();
   await daemon?.stop();
   await registry?.stop();
-  if (tmp) await rm(tmp, { recursive: true, force: true });
+  if (tmp) await removeTree(tmp);
 });
 
 describe('PullImage from a real registry', () => {

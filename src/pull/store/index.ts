@@ -1,22 +1,10 @@
 /**
- * The work directory (`[image] work_dir`). For now it only has to exist, be private and be ours;
- * the layer store (unpacked layers keyed by diff_id) moves in here next.
+ * The work dir: the layer store (layers by chain ID, image configs by digest, overlay bundle
+ * records), its lock, start-up cleanup and garbage collection. See ./store.ts and ./layout.ts.
  */
-import { mkdir, stat } from 'node:fs/promises';
-import { ErrorCode, GuestpullError } from '../../errors.js';
-
-export async function openWorkDir(dir: string): Promise<string> {
-  try {
-    await mkdir(dir, { recursive: true, mode: 0o700 });
-    const st = await stat(dir);
-    if (!st.isDirectory()) throw new Error('not a directory');
-  } catch (e) {
-    throw new GuestpullError(
-      ErrorCode.CONFIG,
-      `cannot use work_dir ${dir}: ${(e as Error).message}; set [image] work_dir in cdh.toml or --work-dir`,
-      { workDir: dir },
-      { cause: e },
-    );
-  }
-  return dir;
-}
+export { Store, type BundleLease, type BundleMode, type LayerSpec, type StoreOptions, type UnpackResult } from './store.js';
+export { bundleLive, collectGarbage, validLayer, type GcOptions, type GcReport } from './cleanup.js';
+export { chainHex, chainIds, Layout } from './layout.js';
+export { unmountQuietly } from './overlay.js';
+export { isOverlayMounted, readMounts } from './mountinfo.js';
+export { gcWorkDir, type GcWorkDirOptions } from './gc.js';
