@@ -5,9 +5,9 @@
  * the same directory, fsynced, then renamed over the target, so a reader never sees half a file.
  * A known file the new document does not carry is removed, so no stale configuration survives.
  */
-import { randomBytes } from 'node:crypto';
-import { chmod, lstat, mkdir, open, rename, rm } from 'node:fs/promises';
+import { chmod, lstat, mkdir, rm } from 'node:fs/promises';
 import path from 'node:path';
+import { syncDir, writeFileAtomic } from '../fsutil.js';
 import { ErrorCode, GuestpullError } from '../errors.js';
 import type { InitdataDocument } from './document.js';
 
@@ -17,29 +17,8 @@ export const INSTALLED_DATA_KEYS = ['cdh.toml', 'aa.toml', 'policy.rego'] as con
 
 async function writeAtomic(dir: string, name: string, content: Buffer): Promise<string> {
   const target = path.join(dir, name);
-  const tmp = path.join(dir, `.${name}.tmp-${randomBytes(6).toString('hex')}`);
-  const fh = await open(tmp, 'wx', 0o600);
-  try {
-    await fh.chmod(0o600);
-    await fh.writeFile(content);
-    await fh.sync();
-    await fh.close();
-    await rename(tmp, target);
-  } catch (e) {
-    await fh.close().catch(() => undefined);
-    await rm(tmp, { force: true });
-    throw e;
-  }
+  await writeFileAtomic(target, content, 0o600);
   return target;
-}
-
-async function syncDir(dir: string): Promise<void> {
-  const fh = await open(dir, 'r');
-  try {
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
 }
 
 export async function installInitdata(doc: InitdataDocument, dir: string = DEFAULT_INITDATA_DIR): Promise<string[]> {

@@ -5,9 +5,9 @@
  * The path comes from the kata agent (`/run/kata-containers/<container-id>`), i.e. from outside
  * this module's trust: it must be absolute, lexically clean of `..`, and must not be a symlink.
  */
-import { randomBytes } from 'node:crypto';
-import { lstat, open, rename, unlink } from 'node:fs/promises';
+import { lstat } from 'node:fs/promises';
 import path from 'node:path';
+import { writeFileAtomic as atomicWrite } from '../../fsutil.js';
 import { ErrorCode, GuestpullError, asGuestpullError } from '../../errors.js';
 
 /** Linux PATH_MAX. */
@@ -79,42 +79,13 @@ export async function checkBundleFree(bundlePath: string): Promise<void> {
 }
 
 /**
- * Write `data` to `file` atomically: a temp file `${file}.tmp-<random>` in the same directory is
- * written, chmod'ed to `mode` (not subject to umask), fsync'ed and renamed over `file`; the
- * directory is then fsync'ed (best effort). On any failure the temp file is removed.
+ * Write `data` to `file` atomically (see src/fsutil.ts), with the error naming the file.
  */
 export async function writeFileAtomic(file: string, data: string | Buffer, mode = 0o644): Promise<void> {
-  const tmp = `${file}.tmp-${randomBytes(8).toString('hex')}`;
-  let created = false;
   try {
-    const fh = await open(tmp, 'wx', mode);
-    created = true;
-    try {
-      await fh.writeFile(data);
-      await fh.chmod(mode);
-      await fh.sync();
-    } finally {
-      await fh.close();
-    }
-    await rename(tmp, file);
-    created = false;
+    await atomicWrite(file, data, mode);
   } catch (e) {
-    if (created) await unlink(tmp).catch(() => undefined);
     const g = asGuestpullError(e);
     throw new GuestpullError(g.code, `cannot write ${file}: ${g.message}`, { file }, { cause: e });
-  }
-  await syncDir(path.dirname(file));
-}
-
-async function syncDir(dir: string): Promise<void> {
-  try {
-    const fh = await open(dir, 'r');
-    try {
-      await fh.sync();
-    } finally {
-      await fh.close();
-    }
-  } catch {
-    // Some filesystems refuse fsync on directories (EINVAL); the rename itself has happened.
   }
 }

@@ -3,17 +3,16 @@
  * one way they are written: a temp file in the same directory, fsync'ed, renamed into place. A
  * record that does not parse or does not match its file name is treated as absent, never trusted.
  */
-import { randomBytes } from 'node:crypto';
-import { open, readFile, rename, unlink } from 'node:fs/promises';
-import path from 'node:path';
+import { readFile } from 'node:fs/promises';
 import { z } from 'zod';
 import { Digest } from '../../oci.js';
+import { ATOMIC_TEMP_MARK, writeFileAtomic } from '../../fsutil.js';
 
 export const RECORD_VERSION = 1;
 /** Records are a few hundred bytes; anything bigger is not ours. */
 const MAX_RECORD_BYTES = 256 * 1024;
 /** Names of temp files made by writeJsonAtomic: `<name>.tmp-<hex>`. */
-export const TEMP_MARK = '.tmp-';
+export const TEMP_MARK = ATOMIC_TEMP_MARK;
 
 const Hex64 = z.string().regex(/^[0-9a-f]{64}$/);
 
@@ -65,36 +64,7 @@ export async function writeJsonAtomic(file: string, value: unknown): Promise<voi
 }
 
 export async function writeBytesAtomic(file: string, data: Buffer): Promise<void> {
-  const tmp = `${file}${TEMP_MARK}${randomBytes(6).toString('hex')}`;
-  let created = false;
-  try {
-    const fh = await open(tmp, 'wx', 0o600);
-    created = true;
-    try {
-      await fh.writeFile(data);
-      await fh.sync();
-    } finally {
-      await fh.close();
-    }
-    await rename(tmp, file);
-    created = false;
-  } finally {
-    if (created) await unlink(tmp).catch(() => undefined);
-  }
-  await syncDir(path.dirname(file));
-}
-
-async function syncDir(dir: string): Promise<void> {
-  try {
-    const fh = await open(dir, 'r');
-    try {
-      await fh.sync();
-    } finally {
-      await fh.close();
-    }
-  } catch {
-    // Some filesystems refuse fsync on a directory; the rename has happened either way.
-  }
+  await writeFileAtomic(file, data, 0o600);
 }
 
 /** Parse a record file with `schema`; undefined when it is missing, too big, not JSON or not valid. */
