@@ -356,6 +356,60 @@ describe('applyLayer: whiteouts', () => {
     expectDir('d/made', 0o755);
   });
 
+  describe('a directory implied by this layer over a lower directory it whites out is fresh (0755, root), in either order', () => {
+    const lower = async (): Promise<void> => {
+      await apply([
+        { name: 'a/', type: 'directory', mode: 0o700, uid: 1234, gid: 4321 },
+        { name: 'a/old', content: 'o' },
+        { name: 'a/b/', type: 'directory', mode: 0o750, uid: 77, gid: 78 },
+        { name: 'a/b/old', content: 'o' },
+        { name: 'a/b/c/', type: 'directory', mode: 0o711, uid: 5, gid: 6 },
+        { name: 'a/b/c/old', content: 'o' },
+      ]);
+    };
+    for (const whiteoutFirst of [true, false]) {
+      const order = whiteoutFirst ? 'whiteout first' : 'whiteout last';
+      it(`.wh.a with a/new and a/b/c/new (${order})`, async () => {
+        await lower();
+        const wh = { name: '.wh.a', content: '' };
+        const news: PackEntry[] = [{ name: 'a/new', content: 'n' }, { name: 'a/b/c/new', content: 'n' }];
+        await apply(whiteoutFirst ? [wh, ...news] : [...news, wh]);
+        expect(tree()).toEqual(['a', 'a/b', 'a/b/c', 'a/b/c/new', 'a/new']);
+        expectDir('a', 0o755);
+        expectDir('a/b', 0o755);
+        expectDir('a/b/c', 0o755);
+      });
+      it(`a/.wh.b with a/b/new (${order}) keeps a as it was`, async () => {
+        await lower();
+        const wh = { name: 'a/.wh.b', content: '' };
+        const news: PackEntry[] = [{ name: 'a/b/c/new', content: 'n' }];
+        await apply(whiteoutFirst ? [wh, ...news] : [...news, wh]);
+        expect(tree()).toEqual(['a', 'a/b', 'a/b/c', 'a/b/c/new', 'a/old']);
+        expectDir('a', 0o700, 1234, 4321);
+        expectDir('a/b', 0o755);
+        expectDir('a/b/c', 0o755);
+      });
+      it(`a/.wh..wh..opq with a/b/new (${order}) renews a/b but keeps a`, async () => {
+        await lower();
+        const wh = { name: 'a/.wh..wh..opq', content: '' };
+        const news: PackEntry[] = [{ name: 'a/b/new', content: 'n' }];
+        await apply(whiteoutFirst ? [wh, ...news] : [...news, wh]);
+        expect(tree()).toEqual(['a', 'a/b', 'a/b/new']);
+        expectDir('a', 0o700, 1234, 4321);
+        expectDir('a/b', 0o755);
+      });
+      it(`.wh.a with an explicit a/ entry (${order}) takes the entry's metadata`, async () => {
+        await lower();
+        const wh = { name: '.wh.a', content: '' };
+        const news: PackEntry[] = [{ name: 'a/', type: 'directory', mode: 0o751, uid: 9, gid: 10 }, { name: 'a/b/new', content: 'n' }];
+        await apply(whiteoutFirst ? [wh, ...news] : [...news, wh]);
+        expect(tree()).toEqual(['a', 'a/b', 'a/b/new']);
+        expectDir('a', 0o751, 9, 10);
+        expectDir('a/b', 0o755);
+      });
+    }
+  });
+
   it('an opaque marker at the root hides every lower entry', async () => {
     await apply([{ name: 'a/b', content: 'b' }, { name: 'c', content: 'c' }]);
     await apply([{ name: 'n', content: 'n' }, { name: '.wh..wh..opq', content: '' }]);

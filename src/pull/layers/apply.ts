@@ -124,6 +124,9 @@ export class LayerApplier {
    * a path there that is not in `written` does not exist and needs no lstat.
    */
   private readonly fresh = new Set<string>();
+  /** Host directories this layer made (mkdir), and those given metadata by one of its directory entries. */
+  private readonly made = new Set<string>();
+  private readonly explicit = new Set<string>();
 
   constructor(
     private readonly root: string,
@@ -217,6 +220,7 @@ export class LayerApplier {
         this.setXattrs(host, e);
         this.pendingDirs.set(host, { mode: e.mode, atime: e.atime, mtime: e.mtime });
         this.markWritten(host);
+        this.explicit.add(host);
         this.dirs.set(comps.join('/'), host);
         return;
       }
@@ -230,6 +234,8 @@ export class LayerApplier {
       case 'directory':
         fs.mkdirSync(host, 0o700);
         this.fresh.add(host);
+        this.made.add(host);
+        this.explicit.add(host);
         if (this.opts.root) fs.chownSync(host, e.uid, e.gid);
         this.setXattrs(host, e);
         this.pendingDirs.set(host, { mode: e.mode, atime: e.atime, mtime: e.mtime });
@@ -365,7 +371,10 @@ export class LayerApplier {
     const st = lstatOrNull(target);
     if (st === null) return;
     if (!this.written.has(target)) await this.remove(target, st.isDirectory(), st.isSymbolicLink());
-    else if (st.isDirectory()) await this.opaque(target);
+    else if (st.isDirectory()) {
+      this.renew(target);
+      await this.opaque(target);
+    }
     // A non-directory this layer wrote itself stays: whiteouts act on lower layers only.
   }
 
@@ -374,8 +383,25 @@ export class LayerApplier {
     for (const d of fs.readdirSync(dir, { withFileTypes: true })) {
       const child = `${dir}/${d.name}`;
       if (!this.written.has(child)) await this.remove(child, d.isDirectory(), d.isSymbolicLink());
-      else if (d.isDirectory()) await this.opaque(child);
+      else if (d.isDirectory()) {
+        this.renew(child);
+        await this.opaque(child);
+      }
     }
+  }
+
+  /**
+   * `host` is a lower directory this layer wrote into and now hides: the whiteout applies first
+   * (layer.md), so it must end as if this layer had made it. Without a directory entry of its own
+   * it is an implied parent: 0755, root-owned (a directory entry already set owner and mode).
+   * Lower xattrs stay (the addon has no lremovexattr).
+   */
+  private renew(host: string): void {
+    if (this.made.has(host)) return;
+    this.made.add(host);
+    if (this.explicit.has(host)) return;
+    if (this.opts.root) fs.chownSync(host, 0, 0);
+    fs.chmodSync(host, 0o755);
   }
 
   private async remove(host: string, isDir: boolean, isLink: boolean): Promise<void> {
@@ -406,6 +432,7 @@ export class LayerApplier {
   private makeParentDir(host: string): void {
     fs.mkdirSync(host, 0o755);
     this.fresh.add(host);
+    this.made.add(host);
     if (this.opts.root) fs.chownSync(host, 0, 0);
     fs.chmodSync(host, 0o755);
     this.markWritten(host);
