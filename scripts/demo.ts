@@ -2,10 +2,12 @@
  * The demo behind ./scripts/demo.sh: everything on loopback and in a temporary directory, stopped
  * at the end. Shows what a kata agent sees: the manifest digest and a ready bundle.
  */
-import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, readFile, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { readMounts } from '../src/pull/store/mountinfo.js';
+import { removeTree } from '../test/helpers/cleanup.js';
 import { connectClient } from '../test/helpers/grpc-client.js';
 import { sampleImage } from '../test/helpers/image-builder.js';
 import { pushImage } from '../test/helpers/push.js';
@@ -49,7 +51,9 @@ async function main(): Promise<void> {
     console.log(`           manifest_digest=${res.manifest_digest} (${Date.now() - t0} ms)`);
 
     const tree = await snapshotTree(path.join(bundle, 'rootfs'));
-    console.log(`\nbundle     ${bundle}/rootfs (${tree.length} entries)`);
+    const mount = readMounts().find((m) => m.mountPoint === path.join(bundle, 'rootfs'));
+    const kind = mount ? `${mount.fstype} mount of the layer store` : 'a plain directory';
+    console.log(`\nbundle     ${bundle}/rootfs: ${kind}, ${tree.length} entries`);
     for (const e of tree) {
       if (e.path === '.') continue;
       const mode = e.mode.toString(8).padStart(4, '0');
@@ -64,7 +68,8 @@ async function main(): Promise<void> {
   } finally {
     await daemon?.stop();
     await registry.stop();
-    await rm(tmp, { recursive: true, force: true });
+    // The bundle's rootfs is an overlay mount (snapshotter auto): unmount before removing.
+    await removeTree(tmp);
   }
   console.log('\nstopped daemon and registry; removed', tmp);
 }
