@@ -3,7 +3,7 @@
  * the same generated multi-layer image from a loopback registry, run alternately, each under
  * GNU time for wall time, CPU time and peak RSS. Prints a Markdown table and the ratios.
  *
- *   npx tsx bench/compare.ts [--mb 300] [--layers 4] [--files 6000] [--runs 3]
+ *   npx tsx bench/compare.ts [--mb 300] [--layers 4] [--files 6000] [--runs 3] [--snapshotter auto|overlay|copy]
  */
 import { execFileSync } from 'node:child_process';
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -11,6 +11,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
+import { removeTree } from '../test/helpers/cleanup.js';
 import { buildSyntheticImage } from '../test/helpers/image-builder.js';
 import { pushImage } from '../test/helpers/push.js';
 import { startRegistry } from '../test/helpers/registry.js';
@@ -53,6 +54,7 @@ async function main(): Promise<void> {
       layers: { type: 'string', default: '4' },
       files: { type: 'string', default: '6000' },
       runs: { type: 'string', default: '3' },
+      snapshotter: { type: 'string', default: 'auto' },
     },
   });
   const runs = Number(values.runs);
@@ -73,7 +75,7 @@ async function main(): Promise<void> {
     );
 
     const cdh = path.join(tmp, 'cdh.toml');
-    writeFileSync(cdh, `[[image.registry_config.registry]]\nlocation = "${registry.host}"\ninsecure = true\n`);
+    writeFileSync(cdh, `[image]\nsnapshotter = "${values.snapshotter}"\n[[image.registry_config.registry]]\nlocation = "${registry.host}"\ninsecure = true\n`);
     const ref = `${registry.host}/bench/image:v1`;
 
     // The peer: skopeo as root writes a cache under /var/lib; give it a private /var/lib.
@@ -86,7 +88,9 @@ async function main(): Promise<void> {
     for (let i = 0; i < runs; i++) {
       const b = path.join(tmp, `gp-${i}`);
       ours.push(timed([process.execPath, path.join(repoRoot, 'dist/cli.js'), 'pull', ref, b, '--config', cdh, '--work-dir', path.join(tmp, `gp-work-${i}`)]));
-      rmSync(b, { recursive: true, force: true });
+      // with snapshotter auto the rootfs is an overlay mount: unmount before removing
+      await removeTree(b);
+      await removeTree(path.join(tmp, `gp-work-${i}`));
 
       const layout = path.join(tmp, `oci-${i}`);
       const pb = path.join(tmp, `umoci-${i}`);
@@ -110,7 +114,7 @@ async function main(): Promise<void> {
     console.log(`\nwall-time ratio guestpull / peer: ${ratio.toFixed(2)} (${runs} alternating runs, ${os.cpus().length} cores)`);
   } finally {
     await registry.stop();
-    rmSync(tmp, { recursive: true, force: true });
+    await removeTree(tmp);
   }
 }
 
