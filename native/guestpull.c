@@ -2,7 +2,8 @@
  * guestpull_native: the few Linux system calls Node has no API for, as a plain C Node-API addon.
  *
  *   mknod(path, type, mode, major, minor)   device nodes and FIFOs (overlay whiteouts: char 0:0)
- *   lsetxattr / lgetxattr / llistxattr       extended attributes, never following a final symlink
+ *   lsetxattr / lgetxattr / llistxattr /     extended attributes, never following a final symlink
+ *   lremovexattr
  *   mount(source, target, fstype, flags, data) / umount(target, flags)
  *
  * Every call is synchronous and thin: no policy here, the TypeScript side (src/native/index.ts)
@@ -292,6 +293,23 @@ static napi_value Llistxattr(napi_env env, napi_callback_info info) {
   return result;
 }
 
+/* lremovexattr(path: string, name: string): void (throws ENODATA when `path` does not have it) */
+static napi_value Lremovexattr(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  if (!get_args(env, info, 2, argv)) return NULL;
+  char *path = get_string(env, argv[0], "path");
+  if (!path) return NULL;
+  char *name = get_string(env, argv[1], "name");
+  if (!name) {
+    free(path);
+    return NULL;
+  }
+  if (lremovexattr(path, name) != 0) throw_errno(env, errno, "lremovexattr", path);
+  free(name);
+  free(path);
+  return NULL;
+}
+
 /* mount(source: string, target: string, fstype: string, flags: number, data: string): void ("" data → NULL) */
 static napi_value Mount(napi_env env, napi_callback_info info) {
   napi_value argv[5];
@@ -342,6 +360,7 @@ static bool export_u32(napi_env env, napi_value exports, const char *name, uint3
 static napi_value Init(napi_env env, napi_value exports) {
   if (!export_fn(env, exports, "mknod", Mknod) || !export_fn(env, exports, "lsetxattr", Lsetxattr) ||
       !export_fn(env, exports, "lgetxattr", Lgetxattr) || !export_fn(env, exports, "llistxattr", Llistxattr) ||
+      !export_fn(env, exports, "lremovexattr", Lremovexattr) ||
       !export_fn(env, exports, "mount", Mount) || !export_fn(env, exports, "umount", Umount) ||
       !export_u32(env, exports, "MS_RDONLY", MS_RDONLY) || !export_u32(env, exports, "MS_NOSUID", MS_NOSUID) ||
       !export_u32(env, exports, "MS_NODEV", MS_NODEV) || !export_u32(env, exports, "MNT_DETACH", MNT_DETACH)) {

@@ -22,6 +22,7 @@ interface Addon {
   lsetxattr(path: string, name: string, value: Buffer): void;
   lgetxattr(path: string, name: string): Buffer | undefined;
   llistxattr(path: string): string[];
+  lremovexattr(path: string, name: string): void;
   mount(source: string, target: string, fstype: string, flags: number, data: string): void;
   umount(target: string, flags: number): void;
   MS_RDONLY: number;
@@ -50,7 +51,7 @@ export function setAddonPathForTests(p: string): void {
 function isAddon(v: unknown): v is Addon {
   if (typeof v !== 'object' || v === null) return false;
   const o = v as Record<string, unknown>;
-  return ['mknod', 'lsetxattr', 'lgetxattr', 'llistxattr', 'mount', 'umount'].every((k) => typeof o[k] === 'function');
+  return ['mknod', 'lsetxattr', 'lgetxattr', 'llistxattr', 'lremovexattr', 'mount', 'umount'].every((k) => typeof o[k] === 'function');
 }
 
 function load(): Addon | null {
@@ -121,6 +122,12 @@ export function lgetxattr(path: string, name: string): Buffer | undefined {
 export function llistxattr(path: string): string[] {
   const a = need('listing extended attributes');
   return call(() => a.llistxattr(path));
+}
+
+/** lremovexattr(2): remove an attribute from `path` itself (a final symlink is not followed); ENODATA when it has none of that name. */
+export function lremovexattr(path: string, name: string): void {
+  const a = need('removing an extended attribute');
+  call(() => a.lremovexattr(path, name));
 }
 
 /** mount(2); `data` is the option string ("" for none), e.g. `lowerdir=...,upperdir=...,workdir=...` for overlay. */

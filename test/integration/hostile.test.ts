@@ -16,6 +16,7 @@ import { parseConfig } from '../../src/config/index.js';
 import { GuestpullError } from '../../src/errors.js';
 import { silentLogger } from '../../src/log.js';
 import { Puller } from '../../src/pull/index.js';
+import { llistxattr } from '../../src/native/index.js';
 import { mountsUnder, readMounts } from '../../src/pull/store/mountinfo.js';
 import { removeTree } from '../helpers/cleanup.js';
 import { assembleImage, blobOf, buildImage, buildLayer, sha256, type BuiltImage, type EntrySpec } from '../helpers/image-builder.js';
@@ -157,6 +158,65 @@ const CASES: Case[] = [
       [raw({ name: 'd', type: 'symlink', linkname: '../../sentinel' }), raw({ name: 'd/x' }, 'pwned')],
     ),
     expect: { ok: (r) => has(r, 'sentinel/x', 'pwned') },
+  },
+  {
+    name: 'a whiteout of a lower symlink after a file written through it (same layer)',
+    image: layers(
+      [{ type: 'dir', path: 'c' }, { type: 'file', path: 'c/old', content: 'o' }, { type: 'symlink', path: 'a', target: 'c' }],
+      [{ type: 'file', path: 'a/new', content: 'n' }, { type: 'whiteout', path: 'a' }],
+    ),
+    expect: { fail: 'BAD_IMAGE', message: /^layer sha256:[0-9a-f]{64} of .*entry "(\.\/)?\.wh\.a" would hide the lower-layer symlink "\/a", through which this layer already resolved its entry "(\.\/)?a\/new"/ },
+  },
+  {
+    name: 'a whiteout of a lower symlink before a file beneath its name (same layer)',
+    image: layers(
+      [{ type: 'dir', path: 'c' }, { type: 'file', path: 'c/old', content: 'o' }, { type: 'symlink', path: 'a', target: 'c' }],
+      [{ type: 'whiteout', path: 'a' }, { type: 'file', path: 'a/new', content: 'n' }],
+    ),
+    expect: {
+      ok: (r) => {
+        expect(fs.lstatSync(path.join(r, 'a')).isDirectory(), 'a is a fresh directory').toBe(true);
+        has(r, 'a/new', 'n');
+        expect(fs.readdirSync(path.join(r, 'c'))).toEqual(['old']);
+      },
+    },
+  },
+  {
+    name: 'a lower directory written into and whited out in the same layer sheds its xattrs and mtime',
+    image: layers(
+      [
+        { type: 'raw', header: { name: 'a/', type: 'directory', mode: 0o700, mtime: new Date('2001-01-01T00:00:00Z'), pax: { 'SCHILY.xattr.user.lower': 'a' } } },
+        { type: 'raw', header: { name: 'a/b/', type: 'directory', mode: 0o700, mtime: new Date('2001-01-01T00:00:00Z'), pax: { 'SCHILY.xattr.user.lowerb': 'b' } } },
+      ],
+      [{ type: 'file', path: 'a/b/new', content: 'n' }, { type: 'whiteout', path: 'a' }],
+    ),
+    expect: {
+      ok: (r) => {
+        for (const d of ['a', 'a/b']) {
+          const st = fs.lstatSync(path.join(r, d));
+          expect((st.mode & 0o7777).toString(8), `${d} mode`).toBe('755');
+          expect(st.mtime.getUTCFullYear(), `${d} mtime`).toBeGreaterThan(2001);
+          expect(llistxattr(path.join(r, d)).filter((x) => x.startsWith('user.')), `${d} xattrs`).toEqual([]);
+        }
+        has(r, 'a/b/new', 'n');
+      },
+    },
+  },
+  {
+    name: 'a renewal over a directory that a middle layer replaced (an opaque directory in overlay mode)',
+    image: layers(
+      [{ type: 'raw', header: { name: 'a/', type: 'directory', mode: 0o755, pax: { 'SCHILY.xattr.user.l1': '1' } } }, { type: 'file', path: 'a/old1', content: '1' }],
+      [{ type: 'whiteout', path: 'a' }, { type: 'raw', header: { name: 'a/', type: 'directory', mode: 0o700, pax: { 'SCHILY.xattr.user.l2': '2' } } }, { type: 'file', path: 'a/b/mid', content: 'm' }],
+      [{ type: 'file', path: 'a/b/new', content: 'n' }, { type: 'whiteout', path: 'a' }, { type: 'file', path: 'a/c', content: 'c' }],
+    ),
+    expect: {
+      ok: (r) => {
+        expect(fs.readdirSync(path.join(r, 'a')).sort()).toEqual(['b', 'c']);
+        expect(fs.readdirSync(path.join(r, 'a/b'))).toEqual(['new']);
+        expect((fs.lstatSync(path.join(r, 'a')).mode & 0o7777).toString(8)).toBe('755');
+        expect(llistxattr(path.join(r, 'a')).filter((x) => x.startsWith('user.'))).toEqual([]);
+      },
+    },
   },
   {
     name: 'a char device 0:0',

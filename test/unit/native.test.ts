@@ -12,6 +12,7 @@ import {
   lgetxattr,
   lsetxattr,
   llistxattr,
+  lremovexattr,
   MNT_DETACH,
   mknod,
   mount,
@@ -150,6 +151,44 @@ describe.skipIf(!isRoot)('xattrs', () => {
     expect(llistxattr(target)).not.toContain('trusted.guestpull');
     // The kernel allows user.* only on files and directories: a symlink refuses it.
     expect(() => lsetxattr(link, 'user.x', Buffer.from('1'))).toThrow(expect.objectContaining({ code: 'EPERM' }));
+  });
+});
+
+describe.skipIf(!isRoot)('lremovexattr', () => {
+  it('removes one attribute and keeps the others; ENODATA when absent', () => {
+    const d = xattrDir();
+    const sub = path.join(d, 'sub');
+    fs.mkdirSync(sub);
+    lsetxattr(sub, 'user.a', Buffer.from('1'));
+    lsetxattr(sub, 'user.b', Buffer.from('2'));
+    lsetxattr(sub, 'trusted.c', Buffer.from('3'));
+    lremovexattr(sub, 'user.a');
+    lremovexattr(sub, 'trusted.c');
+    expect(llistxattr(sub)).toEqual(['user.b']);
+    expect(lgetxattr(sub, 'user.a')).toBeUndefined();
+    expect(() => lremovexattr(sub, 'user.a')).toThrow(expect.objectContaining({ code: 'ENODATA', syscall: 'lremovexattr', path: sub }));
+    expect(() => lremovexattr(path.join(d, 'missing'), 'user.b')).toThrow(expect.objectContaining({ code: 'ENOENT' }));
+  });
+
+  it('acts on a symlink itself, not on its target', () => {
+    const d = xattrDir();
+    const target = path.join(d, 'target');
+    fs.writeFileSync(target, 'x');
+    lsetxattr(target, 'trusted.t', Buffer.from('on-target'));
+    const link = path.join(d, 'link');
+    fs.symlinkSync(target, link);
+    lsetxattr(link, 'trusted.t', Buffer.from('on-link'));
+    lremovexattr(link, 'trusted.t');
+    expect(llistxattr(link)).not.toContain('trusted.t');
+    expect(lgetxattr(target, 'trusted.t')?.toString()).toBe('on-target');
+  });
+
+  it('refuses a name with NUL instead of cutting it short', () => {
+    const d = xattrDir();
+    lsetxattr(d, 'user.a', Buffer.from('1'));
+    expect(() => lremovexattr(d, 'user.a\0b')).toThrow(/must not contain NUL/);
+    expect(() => lremovexattr(`${d}\0x`, 'user.a')).toThrow(/must not contain NUL/);
+    expect(lgetxattr(d, 'user.a')?.toString()).toBe('1');
   });
 });
 

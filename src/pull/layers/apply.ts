@@ -16,6 +16,24 @@
  *   out too; an attribute the kernel refuses (EINVAL, EPERM, E2BIG) is BAD_IMAGE. "Left out" is
  *   counted and logged at debug level. A directory over a directory keeps the lower attributes and
  *   adds the upper ones (as containerd does).
+ * - A lower directory this layer writes into and also hides (a whiteout of it or an opaque marker
+ *   above it, in either order) is "renewed": it ends as if this layer had made it. Its lower
+ *   contents go, and so do its xattrs in the namespaces an image can set (user.*, trusted.*
+ *   except trusted.overlay.*, security.capability) unless this layer's own entry set them; what
+ *   the filesystem labels by itself (security.selinux) stays, as a fresh directory gets it too.
+ *   With a directory entry of its own it takes that entry's owner, mode and mtime; without, it is
+ *   an implied parent like any other: root-owned, 0755, the time guestpull made it. In overlay
+ *   build mounts the directory is already copied up (the layer wrote into it), so removing the
+ *   xattrs acts on the upper copy; overlayfs hides and guards its own trusted.overlay.* names.
+ * - A whiteout or opaque marker that would remove a lower-layer symlink this same layer has
+ *   already resolved an entry through (writes, directories, hard link targets and whiteouts
+ *   beneath `a` when `a -> c`), or a lower directory holding such a symlink, is refused
+ *   (BAD_IMAGE naming both entries and the symlink). layer.md hides lower content only, so the
+ *   right result is `a` a fresh directory holding the entries and `c` untouched; but the entries
+ *   already went into `c`, possibly over lower files, which cannot be undone without keeping
+ *   copies. Real layer writers emit the whiteout first, which works: the whiteout removes the
+ *   symlink and later entries beneath `a` make a fresh directory. Symlinks the layer made itself
+ *   are not lower and never count.
  * - Char and block devices are created with mknod when root and refused otherwise (BAD_IMAGE
  *   "device nodes need root"); which devices a container may open is the device cgroup's business.
  *   A char device 0:0 is refused always: it is an overlayfs whiteout in disguise. FIFOs are created
@@ -36,11 +54,12 @@
  */
 import fs from 'node:fs';
 import { rm } from 'node:fs/promises';
+import path from 'node:path';
 import type { Header } from 'tar-stream';
 import { ErrorCode, GuestpullError } from '../../errors.js';
-import { lsetxattr, mknod } from '../../native/index.js';
+import { llistxattr, lremovexattr, lsetxattr, mknod, nativeAvailable } from '../../native/index.js';
 import { badEntry, limitHint, parseEntry, type LayerContext, type LayerEntry, type LayerLimits, type Xattr } from './entry.js';
-import { cleanEntryPath, resolveInRoot } from './rootpath.js';
+import { cleanEntryPath, MAX_SYMLINK_FOLLOWS, resolveInRoot, splitImagePath } from './rootpath.js';
 import type { EntryBody } from './tarfeed.js';
 
 const WHITEOUT_PREFIX = '.wh.';
@@ -64,6 +83,49 @@ function lstatOrNull(p: string): fs.Stats | null {
     if ((e as NodeJS.ErrnoException).code === 'ENOTDIR') return null;
     throw e;
   }
+}
+
+/** Whether a lower layer could have set this xattr from an image (see wantXattr), so a renewed directory drops it. */
+function imageXattr(name: string): boolean {
+  if (name.startsWith('trusted.overlay.') || name.startsWith('user.overlay.')) return false;
+  return name.startsWith('user.') || name.startsWith('trusted.') || name === 'security.capability';
+}
+
+/**
+ * The walk resolveInRoot (./rootpath.ts) makes for `comps` with every component followed, done
+ * again synchronously to see it: the host paths of the symlinks it follows, and where it lands.
+ */
+function walkSymlinks(root: string, comps: string[]): { links: string[]; resolved: string } {
+  const links: string[] = [];
+  const done: string[] = [];
+  const queue = comps.slice().reverse();
+  let missing = false;
+  while (queue.length > 0) {
+    const comp = queue.pop()!;
+    if (comp === '..') {
+      done.pop();
+      missing = false;
+      continue;
+    }
+    if (missing) {
+      done.push(comp);
+      continue;
+    }
+    const host = path.join(root, ...done, comp);
+    const st = lstatOrNull(host);
+    if (st === null) missing = true;
+    if (st === null || !st.isSymbolicLink()) {
+      done.push(comp);
+      continue;
+    }
+    if (links.length >= MAX_SYMLINK_FOLLOWS) break;
+    links.push(host);
+    const target = fs.readlinkSync(host);
+    if (target.startsWith('/')) done.length = 0;
+    const parts = splitImagePath(target);
+    for (let i = parts.length - 1; i >= 0; i--) queue.push(parts[i]!);
+  }
+  return { links, resolved: done.length === 0 ? root : path.join(root, ...done) };
 }
 
 function parentOf(p: string): string {
@@ -127,6 +189,13 @@ export class LayerApplier {
   /** Host directories this layer made (mkdir), and those given metadata by one of its directory entries. */
   private readonly made = new Set<string>();
   private readonly explicit = new Set<string>();
+  /** Xattr names this layer's directory entries set, by host directory (a renewal keeps these). */
+  private readonly ownXattrs = new Map<string, Set<string>>();
+  /**
+   * Lower-layer symlinks this layer resolved an entry through, and every directory above them
+   * (host paths) → the symlink and that entry. A whiteout or opaque marker may not remove them.
+   */
+  private readonly through = new Map<string, { link: string; entry: string }>();
 
   constructor(
     private readonly root: string,
@@ -326,6 +395,11 @@ export class LayerApplier {
       try {
         lsetxattr(host, x.name, x.value);
         this.xattrs++;
+        if (e.kind === 'directory') {
+          const own = this.ownXattrs.get(host);
+          if (own) own.add(x.name);
+          else this.ownXattrs.set(host, new Set([x.name]));
+        }
       } catch (err) {
         const code = (err as NodeJS.ErrnoException).code;
         if (code === 'ENOTSUP' || code === 'EOPNOTSUPP') {
@@ -360,7 +434,7 @@ export class LayerApplier {
   private async whiteout(e: LayerEntry, base: string, parentComps: string[]): Promise<void> {
     if (base === OPAQUE_MARKER) {
       const dir = await this.dirFor(parentComps, false, e);
-      if (dir !== null) await this.opaque(dir);
+      if (dir !== null) await this.opaque(dir, e);
       return;
     }
     const name = base.slice(WHITEOUT_PREFIX.length);
@@ -370,38 +444,94 @@ export class LayerApplier {
     const target = `${dir}/${name}`;
     const st = lstatOrNull(target);
     if (st === null) return;
-    if (!this.written.has(target)) await this.remove(target, st.isDirectory(), st.isSymbolicLink());
-    else if (st.isDirectory()) {
+    if (!this.written.has(target)) {
+      this.checkNotThrough(target, e);
+      await this.remove(target, st.isDirectory(), st.isSymbolicLink());
+    } else if (st.isDirectory()) {
       this.renew(target);
-      await this.opaque(target);
+      await this.opaque(target, e);
     }
     // A non-directory this layer wrote itself stays: whiteouts act on lower layers only.
   }
 
   /** Remove every child of `dir` this layer did not write; keep only this layer's part of children it did. */
-  private async opaque(dir: string): Promise<void> {
+  private async opaque(dir: string, e: LayerEntry): Promise<void> {
     for (const d of fs.readdirSync(dir, { withFileTypes: true })) {
       const child = `${dir}/${d.name}`;
-      if (!this.written.has(child)) await this.remove(child, d.isDirectory(), d.isSymbolicLink());
-      else if (d.isDirectory()) {
+      if (!this.written.has(child)) {
+        this.checkNotThrough(child, e);
+        await this.remove(child, d.isDirectory(), d.isSymbolicLink());
+      } else if (d.isDirectory()) {
         this.renew(child);
-        await this.opaque(child);
+        await this.opaque(child, e);
       }
+    }
+  }
+
+  /** `host` is lower content whiteout or opaque entry `e` is about to remove: refuse if this layer resolved an entry through it. */
+  private checkNotThrough(host: string, e: LayerEntry): void {
+    const hit = this.through.get(host);
+    if (hit === undefined) return;
+    const image = (p: string): string => JSON.stringify(`/${p.slice(this.root.length + 1)}`.slice(0, 300));
+    const what = hit.link === host ? `the lower-layer symlink ${image(host)}` : `${image(host)}, which holds the lower-layer symlink ${image(hit.link)}`;
+    throw badEntry(
+      this.ctx,
+      e.name,
+      `would hide ${what}, through which this layer already resolved its entry ${JSON.stringify(hit.entry.slice(0, 300))}; ` +
+        'whiteouts hide lower layers only, so the result would depend on entry order (write the whiteout before the entries beneath it)',
+    );
+  }
+
+  /** Remember the lower-layer symlinks met resolving `comps` (to `resolved`) for entry `e`. */
+  private noteSymlinks(comps: string[], resolved: string, e: LayerEntry): void {
+    const walk = walkSymlinks(this.root, comps);
+    if (walk.resolved !== resolved) {
+      throw new GuestpullError(ErrorCode.INTERNAL, `two resolutions of ${JSON.stringify(e.name.slice(0, 300))} in layer ${this.ctx.layer} of ${this.ctx.image} disagree`);
+    }
+    for (const link of walk.links) {
+      if (this.written.has(link)) continue;
+      for (let p = link; p.length > this.root.length && !this.through.has(p); p = parentOf(p)) this.through.set(p, { link, entry: e.name });
     }
   }
 
   /**
    * `host` is a lower directory this layer wrote into and now hides: the whiteout applies first
-   * (layer.md), so it must end as if this layer had made it. Without a directory entry of its own
-   * it is an implied parent: 0755, root-owned (a directory entry already set owner and mode).
-   * Lower xattrs stay (the addon has no lremovexattr).
+   * (layer.md), so it must end as if this layer had made it. Lower xattrs go, those of its own
+   * entry stay. Without a directory entry of its own it is an implied parent: 0755, root-owned,
+   * made now (a directory entry already set owner and mode, and its mtime is set in finish()).
    */
   private renew(host: string): void {
     if (this.made.has(host)) return;
     this.made.add(host);
+    this.dropLowerXattrs(host);
     if (this.explicit.has(host)) return;
     if (this.opts.root) fs.chownSync(host, 0, 0);
     fs.chmodSync(host, 0o755);
+    const now = Date.now() / 1000;
+    fs.utimesSync(host, now, now);
+  }
+
+  /** Remove the xattrs a lower layer set on `host` (see imageXattr), keeping this layer's own. */
+  private dropLowerXattrs(host: string): void {
+    // Without the addon no layer could have set any (setXattrs needs it too).
+    if (!nativeAvailable()) return;
+    let names: string[];
+    try {
+      names = llistxattr(host);
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      if (code === 'ENOTSUP' || code === 'EOPNOTSUPP') return;
+      throw err;
+    }
+    const own = this.ownXattrs.get(host);
+    for (const name of names) {
+      if (!imageXattr(name) || own?.has(name)) continue;
+      try {
+        lremovexattr(host, name);
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== 'ENODATA') throw err;
+      }
+    }
   }
 
   private async remove(host: string, isDir: boolean, isLink: boolean): Promise<void> {
@@ -460,7 +590,9 @@ export class LayerApplier {
     } else if (st.isDirectory()) {
       dir = host;
     } else if (st.isSymbolicLink()) {
-      dir = this.verifyChain(await resolveInRoot(this.root, comps, { followFinal: true }), create, e, key);
+      const resolved = await resolveInRoot(this.root, comps, { followFinal: true });
+      this.noteSymlinks(comps, resolved, e);
+      dir = this.verifyChain(resolved, create, e, key);
     } else {
       if (!create) return null;
       throw badEntry(this.ctx, e.name, `needs /${key} to be a directory, but it is not one`);
