@@ -44,8 +44,15 @@ Without --initdata and without an [image] table in the configuration, the kernel
 parameters agent.https_proxy, agent.http_proxy, agent.no_proxy and agent.image_registry_auth
 apply, each with a warning (the host controls them). Proxy environment variables are never read.`;
 
+const BUNDLE_ROOT = `  --bundle-root DIR    accept only bundle paths below DIR; repeatable (any of them).
+                       DIR must exist; symlinks in it are resolved at start-up. A path
+                       outside every root is refused (PERMISSION_DENIED). Production
+                       setting in a kata guest: --bundle-root /run/kata-containers.
+                       Without it any absolute bundle path is accepted. Either way a
+                       bundle path through a symlink, or with '..', is refused`;
+
 export const SERVE_HELP = `Usage: guestpull serve [--initdata PATH|auto [--initdata-digest V] | --config CDH_TOML]
-                      [--listen ADDR] [--work-dir DIR] [--log-level LEVEL]
+                      [--listen ADDR] [--work-dir DIR] [--bundle-root DIR]... [--log-level LEVEL]
 
 Serve api.ImagePullService/PullImage and grpc.health.v1.Health over gRPC. The other confidential
 data hub services answer UNIMPLEMENTED. SIGTERM or SIGINT stops the daemon: running pulls get
@@ -55,6 +62,7 @@ Options:
 ${COMMON_OPTIONS}
   --listen ADDR        unix:///path/to.sock, host:port or [ipv6]:port
                        (default: socket from cdh.toml, else ${DEFAULT_SOCKET})
+${BUNDLE_ROOT}
   --log-level LEVEL    trace, debug, info, warn, error, fatal or silent
                        (default: [log] level from cdh.toml, else info)
   -h, --help           show this help
@@ -64,7 +72,7 @@ Logs are JSON lines on stderr.
 ${EXIT_CODES_HELP}`;
 
 export const PULL_HELP = `Usage: guestpull pull IMAGE BUNDLE_DIR [--initdata PATH|auto [--initdata-digest V] | --config CDH_TOML]
-                      [--work-dir DIR] [--log-level LEVEL]
+                      [--work-dir DIR] [--bundle-root DIR]... [--log-level LEVEL]
 
 Pull IMAGE once, the same way the daemon does, into BUNDLE_DIR/rootfs and BUNDLE_DIR/config.json.
 Prints the manifest digest on stdout. On failure prints one line on stderr,
@@ -72,6 +80,7 @@ Prints the manifest digest on stdout. On failure prints one line on stderr,
 
 Options:
 ${COMMON_OPTIONS}
+${BUNDLE_ROOT}
   --log-level LEVEL    trace, debug, info, warn, error, fatal or silent (default warn;
                        [log] level in cdh.toml is for the daemon and is not used here)
   -h, --help           show this help

@@ -8,16 +8,18 @@ import { ErrorCode, GuestpullError } from '../errors.js';
 import { createLogger } from '../log.js';
 import { COMMON_OPTIONS, commonFlags, parseFlags, type CommonFlags } from './common.js';
 import { usageError } from './exit-codes.js';
-import { loadSettings, makeLogger, type SettingsOptions } from './settings.js';
+import { BUNDLE_ROOT_OPTION, bundleRootFlags, loadSettings, makeLogger, type SettingsOptions } from './settings.js';
 import { packageVersion } from './version.js';
 
 export interface PullArgs extends CommonFlags {
   image: string;
   bundle: string;
+  /** --bundle-root: BUNDLE_DIR must lie below one of these (absolute). */
+  bundleRoots?: string[];
 }
 
 export function parsePullArgs(args: string[]): PullArgs {
-  const { values, positionals } = parseFlags('pull', args, COMMON_OPTIONS);
+  const { values, positionals } = parseFlags('pull', args, { ...COMMON_OPTIONS, ...BUNDLE_ROOT_OPTION });
   const flags = commonFlags('pull', values);
   if (flags.help) return { ...flags, image: '', bundle: '' };
   if (positionals.length !== 2) {
@@ -25,7 +27,8 @@ export function parsePullArgs(args: string[]): PullArgs {
   }
   const [image, bundle] = positionals as [string, string];
   if (image === '' || bundle === '') throw usageError('IMAGE and BUNDLE_DIR must not be empty', 'pull');
-  return { ...flags, image, bundle: path.resolve(bundle) };
+  const roots = bundleRootFlags('pull', values['bundle-root']);
+  return { ...flags, image, bundle: path.resolve(bundle), ...(roots !== undefined ? { bundleRoots: roots } : {}) };
 }
 
 /** Resolves with the exit code after printing the digest. Throws GuestpullError. */
@@ -38,7 +41,13 @@ export async function runPull(
   const settings = await loadSettings(args, { logger: createLogger({ level }), ...hooks });
   const logger = makeLogger(level, settings);
   const { Puller } = await import('../pull/index.js');
-  const puller = new Puller({ config: settings.loaded.config, logger, version: packageVersion(), pullWarnings: settings.pullWarnings });
+  const puller = new Puller({
+    config: settings.loaded.config,
+    logger,
+    version: packageVersion(),
+    pullWarnings: settings.pullWarnings,
+    ...(args.bundleRoots !== undefined ? { bundleRoots: args.bundleRoots } : {}),
+  });
 
   const controller = new AbortController();
   const onSignal = (signal: NodeJS.Signals): void =>

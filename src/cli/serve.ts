@@ -9,17 +9,19 @@ import { asGuestpullError } from '../errors.js';
 import { createLogger } from '../log.js';
 import { COMMON_OPTIONS, commonFlags, parseFlags, type CommonFlags } from './common.js';
 import { usageError } from './exit-codes.js';
-import { loadSettings, makeLogger, type SettingsOptions } from './settings.js';
+import { BUNDLE_ROOT_OPTION, bundleRootFlags, loadSettings, makeLogger, type SettingsOptions } from './settings.js';
 import { packageVersion } from './version.js';
 
 export interface ServeArgs extends CommonFlags {
   listen?: string;
+  /** --bundle-root: bundle paths must lie below one of these (absolute). */
+  bundleRoots?: string[];
 }
 
 const STOP_GRACE_MS = 10_000;
 
 export function parseServeArgs(args: string[]): ServeArgs {
-  const { values, positionals } = parseFlags('serve', args, { ...COMMON_OPTIONS, listen: { type: 'string' } });
+  const { values, positionals } = parseFlags('serve', args, { ...COMMON_OPTIONS, ...BUNDLE_ROOT_OPTION, listen: { type: 'string' } });
   const parsed: ServeArgs = commonFlags('serve', values);
   if (parsed.help) return parsed;
   if (positionals.length > 0) throw usageError(`unexpected argument ${JSON.stringify(positionals[0])}`, 'serve');
@@ -31,6 +33,8 @@ export function parseServeArgs(args: string[]): ServeArgs {
     }
     parsed.listen = values.listen;
   }
+  const roots = bundleRootFlags('serve', values['bundle-root']);
+  if (roots !== undefined) parsed.bundleRoots = roots;
   return parsed;
 }
 
@@ -56,7 +60,13 @@ export async function runServe(args: ServeArgs, hooks: Partial<SettingsOptions> 
 
   // Loaded here rather than at the top so --help and flag errors never pay for the pull stack.
   const { Puller } = await import('../pull/index.js');
-  const puller = new Puller({ config, logger, version, pullWarnings: settings.pullWarnings });
+  const puller = new Puller({
+    config,
+    logger,
+    version,
+    pullWarnings: settings.pullWarnings,
+    ...(args.bundleRoots !== undefined ? { bundleRoots: args.bundleRoots } : {}),
+  });
   let server: RunningServer;
   try {
     server = await startServer({ listen, puller, logger, version });
@@ -64,7 +74,10 @@ export async function runServe(args: ServeArgs, hooks: Partial<SettingsOptions> 
     await puller.close();
     throw e;
   }
-  logger.info({ event: 'listening', address: server.address, version, workDir: config.image.workDir }, 'listening');
+  logger.info(
+    { event: 'listening', address: server.address, version, workDir: config.image.workDir, bundleRoots: args.bundleRoots ?? 'any' },
+    'listening',
+  );
 
   const stopSignal = await firstSignal(['SIGTERM', 'SIGINT']);
   logger.info({ event: 'stopping', signal: stopSignal, graceMs: STOP_GRACE_MS }, 'stopping');

@@ -6,12 +6,31 @@
  *   --config    that cdh.toml;   neither: the defaults.
  * Then the kernel command line fallback (only without init-data and without [image]) and --work-dir.
  * Warnings that the configuration is unmeasured are logged at start-up and returned for every pull.
+ * Also here: `--bundle-root` (serve and pull), which is not configuration from cdh.toml but a
+ * start-up setting of the Puller.
  */
+import path from 'node:path';
 import { defaultLoadedConfig, loadConfigFile, parseConfig, type LoadedConfig } from '../config/index.js';
 import { withKernelCmdline } from '../config/cmdline.js';
 import { installInitdata, loadVerifiedInitdata, type InitdataLimits } from '../initdata/index.js';
 import { createLogger, type Logger } from '../log.js';
 import type { CommonFlags, InitdataFlags } from './common.js';
+import { usageError } from './exit-codes.js';
+
+/** The `--bundle-root` option of serve and pull: repeatable. */
+export const BUNDLE_ROOT_OPTION = { 'bundle-root': { type: 'string', multiple: true } } as const;
+
+/**
+ * `--bundle-root DIR` values, made absolute (relative to the current directory); undefined when
+ * the flag was not given. Existence and symlinks are the Puller's start-up check.
+ */
+export function bundleRootFlags(command: string, values: string[] | undefined): string[] | undefined {
+  if (values === undefined || values.length === 0) return undefined;
+  return values.map((v) => {
+    if (v === '') throw usageError('--bundle-root must not be empty', command);
+    return path.resolve(v);
+  });
+}
 
 export interface InitdataSummary {
   source: string;

@@ -20,13 +20,15 @@ import { ImageConfig, parseJson } from '../oci.js';
 import { formatReference, manifestReference, parseReference, type ImageReference } from '../reference.js';
 import { firstSuccessful } from './candidates.js';
 import { CredentialStore, explainAuthFailure, loadCredentials } from './credentials/index.js';
-import { checkBundleFree, validateBundlePath, writeFileAtomic } from './bundle/path.js';
+import { checkBundleFree, checkBundleRoots, checkNoSymlinks, resolveBundleRoots, validateBundlePath, writeFileAtomic } from './bundle/path.js';
+import { Coalescer } from './coalesce.js';
 import { mountOverlayBundle } from './bundle/overlay.js';
 import { buildRuntimeSpec } from './bundle/spec.js';
 import { RegistryClient, currentPlatform, resolveImage, type Credentials, type ResolvedImage } from './distribution/index.js';
 import type { Descriptor } from '../oci.js';
 import { Transport } from './distribution/transport/index.js';
-import { applyLayer } from './layers/index.js';
+import type { ApplyLayerResult } from './layers/index.js';
+import { LayerWorkers } from './layers/workers.js';
 import { candidatesFor, type Candidate } from './registries/index.js';
 import { loadRegistryConfiguration } from './registries/load.js';
 import { createStaging } from './stage.js';
@@ -49,6 +51,11 @@ export interface PullerOptions {
    * they stand next to each pull in the log, not only at start-up.
    */
   pullWarnings?: string[];
+  /**
+   * `--bundle-root`: bundle paths must lie below one of these directories (each must exist; it is
+   * resolved through symlinks here). Unset or empty: any absolute bundle path is allowed.
+   */
+  bundleRoots?: string[];
 }
 
 /**
@@ -77,8 +84,12 @@ export class Puller {
   private readonly config: Config;
   private readonly logger: Logger;
   private readonly transport: Transport;
-  private readonly inflight = new Map<string, { image: string; promise: Promise<PullResult> }>();
+  /** Pulls in progress by bundle: identical requests share one, each caller cancels only itself. */
+  private readonly inflight: Coalescer<PullResult>;
+  private readonly bundleRoots: string[];
   private store: Promise<Store> | undefined;
+  /** Layers are unpacked in worker threads (./layers/workers.ts), a few at a time across all pulls. */
+  private readonly workers = new LayerWorkers();
   private readonly pullWarnings: string[];
   /** The registry configuration and credentials in force, loaded once here so bad ones fail at start. */
   private readonly registries: RegistriesConf;
@@ -89,6 +100,11 @@ export class Puller {
     this.config = opts.config;
     this.logger = opts.logger;
     this.pullWarnings = opts.pullWarnings ?? [];
+    this.bundleRoots = resolveBundleRoots(opts.bundleRoots ?? []);
+    this.inflight = new Coalescer<PullResult>({
+      onJoin: (bundle, image, callers) => this.logger.info({ image, bundle, callers }, 'joining identical pull already in progress'),
+      onAbandon: (bundle, image) => this.logger.info({ image, bundle }, 'every caller of this pull has gone: stopping it'),
+    });
     this.registries = loadRegistryConfiguration(opts.config.image, opts.logger);
     this.credentials = loadCredentials(opts.config.image, opts.logger);
     this.transport = new Transport(
@@ -109,27 +125,40 @@ export class Puller {
     const ref = parseReference(imageUrl);
     const image = formatReference(ref);
     const bundle = validateBundlePath(bundlePath);
-    const running = this.inflight.get(bundle);
-    if (running) {
-      if (running.image === image) {
-        this.logger.info({ image, bundle }, 'joining identical pull already in progress');
-        return running.promise;
-      }
+    checkBundleRoots(bundle, this.bundleRoots);
+    // Before anything is written: the path must not route through a symlink.
+    await checkNoSymlinks(bundle);
+    try {
+      return await this.inflight.run(bundle, image, opts.signal, (signal) => this.pullInto(ref, image, bundle, signal));
+    } catch (e) {
+      if (!(e instanceof GuestpullError) || e.code !== ErrorCode.RESOURCE_EXHAUSTED) throw e;
+      // Out of space: say which filesystem filled up (copy bundles are unpacked into the bundle,
+      // overlay layers into the work dir) and what to do.
+      const workDir = this.config.image.workDir;
+      const configured = this.config.image.snapshotter;
+      const store = configured === 'copy' ? undefined : await this.store?.catch(() => undefined);
+      const mode = configured === 'copy' ? 'copy' : await store?.mode(configured).catch(() => undefined);
+      const advice =
+        mode === 'copy'
+          ? `copy bundles are unpacked into the bundle: free space on the filesystem of ${bundle} or give it a larger one`
+          : `layers are unpacked into the work dir ${workDir}${mode === undefined ? ' (copy bundles: into the bundle)' : ''}: ` +
+            "free space there, give it a larger filesystem ([image] work_dir or --work-dir), or drop layers no bundle uses with 'guestpull gc --drop-unused'";
       throw new GuestpullError(
-        ErrorCode.ALREADY_EXISTS,
-        `bundle ${bundle} is being filled by a pull of ${running.image}; use another bundle path for ${image}`,
-        { image, bundle },
+        ErrorCode.RESOURCE_EXHAUSTED,
+        `pull of ${image} into ${bundle} ran out of space: ${e.message}. ${advice[0]!.toUpperCase()}${advice.slice(1)}`,
+        { ...e.context, image, bundle, workDir },
+        { cause: e },
       );
     }
-    const promise = this.pullInto(ref, image, bundle, opts.signal).finally(() => this.inflight.delete(bundle));
-    this.inflight.set(bundle, { image, promise });
-    return promise;
   }
 
   async close(): Promise<void> {
+    // Cancelled callers are answered at once; give their pulls a moment to remove their staging.
+    await this.inflight.drain(2_000);
     const store = this.store;
     this.store = undefined;
     await this.transport.close();
+    await this.workers.close();
     if (store) await store.then((s) => s.release(), () => undefined);
   }
 
@@ -249,20 +278,27 @@ export class Puller {
 
   /** Download one layer and apply it (verified) onto `root`. */
   private async applyOne(client: RegistryClient, layer: Descriptor, index: number, diffId: string, root: string, image: string, log: Logger, signal?: AbortSignal): Promise<UnpackResult> {
+    // A worker first, then the download: a queued layer must not hold an idle response open.
+    const slot = await this.workers.acquire(signal);
     const t0 = Date.now();
-    const source = await client.getBlob(layer, signal);
-    const r = await applyLayer({
-      source,
-      mediaType: layer.mediaType,
-      compressedSize: layer.size,
-      diffId,
-      layerDigest: layer.digest,
-      rootfs: root,
-      image,
-      logger: log,
-      limits: this.config.image.limits,
-      ...(signal ? { signal } : {}),
-    });
+    let r: ApplyLayerResult;
+    try {
+      const source = await client.getBlob(layer, signal);
+      r = await slot.apply({
+        source,
+        mediaType: layer.mediaType,
+        compressedSize: layer.size,
+        diffId,
+        layerDigest: layer.digest,
+        rootfs: root,
+        image,
+        logger: log,
+        limits: this.config.image.limits,
+        ...(signal ? { signal } : {}),
+      });
+    } finally {
+      slot.release();
+    }
     log.info({ layer: layer.digest, index, bytes: layer.size, uncompressed: r.uncompressedBytes, entries: r.entries, ms: Date.now() - t0 }, 'layer applied');
     return { entries: r.entries, uncompressedBytes: r.uncompressedBytes };
   }

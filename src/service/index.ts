@@ -8,7 +8,7 @@ import * as grpc from '@grpc/grpc-js';
 import { ErrorCode, GuestpullError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { formatTcp, parseListenAddress, prepareUnixSocket, removeSocket } from './address.js';
-import { pullImageHandler, type ImagePuller, type InflightPull } from './image-pull.js';
+import { pullImageDeserializer, pullImageHandler, type ImagePuller, type InflightPull } from './image-pull.js';
 import { healthService, unimplementedService } from './other-services.js';
 import { SERVICE_NAMES, serviceDefinition } from './protos.js';
 
@@ -36,6 +36,14 @@ const MAX_RECEIVE_BYTES = 64 * 1024;
 /** After aborting pulls at the end of the grace period, how long they get to unwind. */
 const ABORT_UNWIND_MS = 2_000;
 
+/** ImagePullService with PullImage's request bytes checked before decoding (./request-bytes.ts). */
+function imagePullDefinition(): grpc.ServiceDefinition {
+  const def = serviceDefinition(SERVICE_NAMES.imagePull);
+  const method = def['PullImage'];
+  if (method === undefined) throw new Error(`${SERVICE_NAMES.imagePull} has no PullImage method`);
+  return { ...def, PullImage: { ...method, requestDeserialize: pullImageDeserializer(method.requestDeserialize) } };
+}
+
 function bind(server: grpc.Server, target: string): Promise<number> {
   return new Promise((resolve, reject) =>
     server.bindAsync(target, grpc.ServerCredentials.createInsecure(), (err, port) => (err ? reject(err) : resolve(port))),
@@ -60,10 +68,9 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
   let stopping = false;
 
   const server = new grpc.Server({ 'grpc.max_receive_message_length': MAX_RECEIVE_BYTES });
-  server.addService(
-    serviceDefinition(SERVICE_NAMES.imagePull),
-    { PullImage: pullImageHandler({ puller: opts.puller, logger: log, inflight, isStopping: () => stopping }) },
-  );
+  server.addService(imagePullDefinition(), {
+    PullImage: pullImageHandler({ puller: opts.puller, logger: log, inflight, isStopping: () => stopping }),
+  });
   server.addService(serviceDefinition(SERVICE_NAMES.sealedSecret), unimplementedService(SERVICE_NAMES.sealedSecret, 'UnsealSecret'));
   server.addService(serviceDefinition(SERVICE_NAMES.getResource), unimplementedService(SERVICE_NAMES.getResource, 'GetResource'));
   server.addService(serviceDefinition(SERVICE_NAMES.secureMount), unimplementedService(SERVICE_NAMES.secureMount, 'SecureMount'));

@@ -1,9 +1,9 @@
-import { mkdir, mkdtemp, readFile, readdir, rm, stat, symlink, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readFile, readdir, realpath, rm, stat, symlink, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ErrorCode, GuestpullError } from '../../src/errors.js';
-import { checkBundleFree, validateBundlePath, writeFileAtomic } from '../../src/pull/bundle/path.js';
+import { checkBundleFree, checkBundleRoots, checkNoSymlinks, resolveBundleRoots, validateBundlePath, writeFileAtomic } from '../../src/pull/bundle/path.js';
 
 async function codeOf(p: Promise<unknown>): Promise<string> {
   try {
@@ -175,3 +175,91 @@ describe('writeFileAtomic', () => {
     expect(await readdir(f)).toEqual(['keep']);
   });
 });
+
+describe('bundle roots', () => {
+  let tmp: string;
+  beforeAll(async () => {
+    tmp = await mkdtemp(path.join(os.tmpdir(), 'guestpull-bundle-roots-'));
+    await mkdir(path.join(tmp, 'real', 'kata'), { recursive: true });
+    await symlink(path.join(tmp, 'real'), path.join(tmp, 'alias'));
+    await writeFile(path.join(tmp, 'a-file'), 'x');
+  });
+  afterAll(async () => {
+    await rm(tmp, { recursive: true, force: true });
+  });
+
+  it('resolves roots through symlinks, normalises them and drops duplicates', () => {
+    const real = path.join(tmp, 'real', 'kata');
+    expect(resolveBundleRoots([path.join(tmp, 'alias', 'kata'), `${real}/`, path.join(tmp, 'real', '.', 'kata')])).toEqual([real]);
+    expect(resolveBundleRoots([])).toEqual([]);
+  });
+
+  it('refuses a missing, relative or non-directory root at start-up, naming it', () => {
+    const missing = path.join(tmp, 'nope');
+    expect(() => resolveBundleRoots([path.join(tmp, 'real'), missing])).toThrow(
+      expect.objectContaining({ code: ErrorCode.CONFIG, message: expect.stringMatching(new RegExp(`${missing} \\(--bundle-root\\) does not exist`)) }),
+    );
+    expect(syncCode(() => resolveBundleRoots(['run/kata']))).toBe(ErrorCode.CONFIG);
+    expect(syncCode(() => resolveBundleRoots(['']))).toBe(ErrorCode.CONFIG);
+    expect(() => resolveBundleRoots([path.join(tmp, 'a-file')])).toThrow(expect.objectContaining({ code: ErrorCode.CONFIG, message: expect.stringContaining('a-file') }));
+  });
+
+  it('allows any path without roots, and only paths strictly below a root with them', () => {
+    expect(syncCode(() => checkBundleRoots('/anywhere/at/all', undefined))).toBe('OK');
+    expect(syncCode(() => checkBundleRoots('/anywhere/at/all', []))).toBe('OK');
+    const roots = ['/run/kata-containers', '/srv/bundles'];
+    expect(syncCode(() => checkBundleRoots('/run/kata-containers/c1', roots))).toBe('OK');
+    expect(syncCode(() => checkBundleRoots('/srv/bundles/a/b', roots))).toBe('OK');
+    for (const bad of ['/run/kata-containers', '/run/kata-containers-evil/c1', '/run/kata', '/etc/c1', '/srv']) {
+      expect(syncCode(() => checkBundleRoots(bad, roots))).toBe(ErrorCode.PERMISSION_DENIED);
+    }
+    expect(syncCode(() => checkBundleRoots('/x', ['/']))).toBe('OK');
+  });
+
+  it('names the path, the roots and the flag when refusing', () => {
+    expect(() => checkBundleRoots('/etc/c1', ['/run/kata-containers', '/srv/b'])).toThrow(
+      expect.objectContaining({ message: expect.stringMatching(/"\/etc\/c1".*\/run\/kata-containers, \/srv\/b.*--bundle-root/) }),
+    );
+  });
+});
+
+describe('checkNoSymlinks', () => {
+  let tmp: string;
+  beforeAll(async () => {
+    tmp = await realpath(await mkdtemp(path.join(os.tmpdir(), 'guestpull-nosymlinks-')));
+    await mkdir(path.join(tmp, 'real', 'deep'), { recursive: true });
+    await symlink(path.join(tmp, 'real'), path.join(tmp, 'link'));
+    await symlink('real/deep', path.join(tmp, 'rel-link'));
+    await symlink(path.join(tmp, 'nowhere'), path.join(tmp, 'dangling'));
+    await writeFile(path.join(tmp, 'file'), 'x');
+  });
+  afterAll(async () => {
+    await rm(tmp, { recursive: true, force: true });
+  });
+
+  it('accepts real directories, and paths whose tail does not exist yet', async () => {
+    expect(await codeOf(checkNoSymlinks(path.join(tmp, 'real', 'deep')))).toBe('OK');
+    expect(await codeOf(checkNoSymlinks(path.join(tmp, 'real', 'deep', 'new', 'bundle')))).toBe('OK');
+    expect(await codeOf(checkNoSymlinks(path.join(tmp, 'missing', 'x')))).toBe('OK');
+  });
+
+  it('refuses a symlinked ancestor, naming it', async () => {
+    const link = path.join(tmp, 'link');
+    await expect(checkNoSymlinks(path.join(link, 'deep', 'c1'))).rejects.toMatchObject({
+      code: ErrorCode.INVALID_ARGUMENT,
+      message: expect.stringContaining(`component ${link} is a symbolic link`),
+    });
+    await expect(checkNoSymlinks(path.join(tmp, 'rel-link', 'c1'))).rejects.toMatchObject({ code: ErrorCode.INVALID_ARGUMENT });
+  });
+
+  it('refuses the bundle itself being a symlink, dangling ones included', async () => {
+    await expect(checkNoSymlinks(path.join(tmp, 'link'))).rejects.toMatchObject({ code: ErrorCode.INVALID_ARGUMENT, message: expect.stringContaining('it is a symbolic link') });
+    expect(await codeOf(checkNoSymlinks(path.join(tmp, 'dangling')))).toBe(ErrorCode.INVALID_ARGUMENT);
+    expect(await codeOf(checkNoSymlinks(path.join(tmp, 'dangling', 'below')))).toBe(ErrorCode.INVALID_ARGUMENT);
+  });
+
+  it('refuses a path below a regular file', async () => {
+    await expect(checkNoSymlinks(path.join(tmp, 'file', 'c1'))).rejects.toMatchObject({ code: ErrorCode.INVALID_ARGUMENT, message: expect.stringContaining('is not a directory') });
+  });
+});
+

@@ -15,7 +15,6 @@ import type { Readable, TransformOptions } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import zlib from 'node:zlib';
 import { asGuestpullError, ErrorCode, GuestpullError } from '../../errors.js';
-import type { Logger } from '../../log.js';
 import { layerCompression, parseDigest } from '../../oci.js';
 import { LayerApplier } from './apply.js';
 import { DEFAULT_LAYER_LIMITS, type LayerContext, type LayerLimits } from './entry.js';
@@ -24,6 +23,11 @@ import { TarFeeder } from './tarfeed.js';
 import { zstdDecompress } from './zstd.js';
 
 export { DEFAULT_LAYER_LIMITS, LIMIT_KEYS, type LayerLimits } from './entry.js';
+
+/** The one logging call a layer makes (a pino Logger, or a worker's forwarder). */
+export interface LayerLog {
+  debug(fields: Record<string, unknown>, msg: string): void;
+}
 
 export interface ApplyLayerOptions {
   /** The layer blob as downloaded (compressed per mediaType); its producer verifies the blob digest. */
@@ -37,7 +41,7 @@ export interface ApplyLayerOptions {
   /** Host directory, already existing, with the lower layers applied. */
   rootfs: string;
   image: string;
-  logger: Logger;
+  logger: LayerLog;
   signal?: AbortSignal;
   limits?: Partial<LayerLimits>;
 }

@@ -21,6 +21,12 @@ import { lgetxattr, MNT_DETACH, mount, nativeAvailable, umount } from '../../nat
 export const MAX_MOUNT_DATA = 4095;
 export const BUILD_OPTIONS: readonly string[] = ['redirect_dir=off', 'index=off', 'metacopy=off'];
 export const BUNDLE_OPTIONS: readonly string[] = ['index=off'];
+/**
+ * For build mounts only: no sync of the upper file system when the mount goes away (on a disk,
+ * unmount would otherwise wait for every layer byte to reach it). Durability is not what makes a
+ * layer trusted: its record and the rename into layers/ are, and a build mount is used once.
+ */
+export const VOLATILE = 'volatile';
 
 export interface OverlaySpec {
   /** Lower directories, topmost first. */
@@ -116,16 +122,19 @@ export function probeOverlay(dir: string): ProbeResult {
   };
   const spec = (options: readonly string[]): OverlaySpec => ({ lowers: [p('lower')], upper: p('upper'), work: p('work'), options });
   try {
-    let options: readonly string[] = BUILD_OPTIONS;
-    reset();
-    try {
-      mountOverlay(spec(options), p('merged'), dir);
-    } catch (e) {
-      // Kernels older than 4.19 lack some of the options, and with them the features they turn off.
-      if ((e as NodeJS.ErrnoException).code !== 'EINVAL') throw e;
-      options = [];
+    // Kernels before 5.10 lack `volatile`, before 4.19 the other options (and with them the
+    // features those turn off): take the first set this kernel mounts.
+    const choices: readonly (readonly string[])[] = [[...BUILD_OPTIONS, VOLATILE], BUILD_OPTIONS, []];
+    let options: readonly string[] = [];
+    for (const [i, choice] of choices.entries()) {
+      options = choice;
       reset();
-      mountOverlay(spec(options), p('merged'), dir);
+      try {
+        mountOverlay(spec(options), p('merged'), dir);
+        break;
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code !== 'EINVAL' || i === choices.length - 1) throw e;
+      }
     }
     try {
       if (!lstatSync(p('merged/f')).isFile()) return { ok: false, reason: 'a lower file does not show through the overlay' };

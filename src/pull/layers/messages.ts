@@ -1,0 +1,65 @@
+/**
+ * The messages between the layer worker pool (./workers.ts, main thread) and a layer worker
+ * (./worker.ts), and how a GuestpullError crosses the thread boundary (code, message and a
+ * JSON-safe copy of its context; the cause stays behind).
+ */
+import { asGuestpullError, ErrorCode, GuestpullError, type ErrorContext } from '../../errors.js';
+import type { LayerLimits } from './entry.js';
+
+export interface SerializedError {
+  code: ErrorCode;
+  message: string;
+  context: ErrorContext;
+}
+
+/** What a worker needs of ApplyLayerOptions: everything but the source stream, logger and signal. */
+export interface LayerTask {
+  mediaType: string;
+  compressedSize: number;
+  diffId: string;
+  layerDigest: string;
+  rootfs: string;
+  image: string;
+  limits?: Partial<LayerLimits>;
+}
+
+export interface TaskResult {
+  entries: number;
+  uncompressedBytes: number;
+  xattrs: number;
+  ignoredXattrs: number;
+  ms: number;
+}
+
+/** main → worker */
+export type ToWorker =
+  | { t: 'start'; task: LayerTask }
+  | { t: 'data'; buf: ArrayBuffer }
+  | { t: 'end' }
+  | { t: 'error'; err: SerializedError }
+  | { t: 'abort'; err: SerializedError };
+
+/** worker → main */
+export type FromWorker =
+  | { t: 'credit'; bytes: number }
+  | { t: 'log'; fields: Record<string, unknown>; msg: string }
+  | { t: 'done'; result: TaskResult }
+  | { t: 'fail'; err: SerializedError };
+
+function jsonSafe(context: ErrorContext): ErrorContext {
+  try {
+    return JSON.parse(JSON.stringify(context)) as ErrorContext;
+  } catch {
+    return {};
+  }
+}
+
+export function serializeError(e: unknown): SerializedError {
+  const g = asGuestpullError(e);
+  return { code: g.code, message: g.message, context: jsonSafe(g.context) };
+}
+
+export function deserializeError(s: SerializedError): GuestpullError {
+  const code = (Object.values(ErrorCode) as string[]).includes(s.code) ? s.code : ErrorCode.INTERNAL;
+  return new GuestpullError(code, s.message, s.context);
+}

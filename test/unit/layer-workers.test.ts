@@ -1,0 +1,193 @@
+/**
+ * The layer worker pool (src/pull/layers/workers.ts) with real worker threads: the compiled pool
+ * in dist/ is used (under the test runner the sources are TypeScript, where the pool runs
+ * in-thread), so `npm run build` must have run. Results and errors must be what applyLayer gives
+ * in-process: the tree, the counts, the error codes and messages, aborts, a dead worker.
+ */
+import { existsSync } from 'node:fs';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { Readable } from 'node:stream';
+import { fileURLToPath } from 'node:url';
+import zlib from 'node:zlib';
+import { afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import type { ApplyLayerOptions, ApplyLayerResult } from '../../src/pull/layers/index.js';
+import type { LayerSlot, LayerWorkers as LayerWorkersType } from '../../src/pull/layers/workers.js';
+import type { GuestpullError as GuestpullErrorType } from '../../src/errors.js';
+import { MediaType } from '../../src/oci.js';
+import { LAYER_DIGEST, listTree, packTar, sha256 } from './_layers-tar.js';
+
+const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
+const compiled = path.join(repoRoot, 'dist/pull/layers/workers.js');
+
+type PoolCtor = new (size?: number) => LayerWorkersType;
+type ErrorCtor = new (code: string, message: string) => GuestpullErrorType;
+let LayerWorkers: PoolCtor;
+/** The compiled GuestpullError: the pool recognises its own class, as in production. */
+let GuestpullError: ErrorCtor;
+let pool: LayerWorkersType;
+let base: string;
+let root: string;
+
+beforeAll(async () => {
+  if (!existsSync(compiled)) throw new Error(`${compiled} is missing: run npm run build first`);
+  ({ LayerWorkers } = (await import(compiled)) as { LayerWorkers: PoolCtor });
+  ({ GuestpullError } = (await import(path.join(repoRoot, 'dist/errors.js'))) as { GuestpullError: ErrorCtor });
+});
+beforeEach(() => {
+  base = fs.mkdtempSync(path.join(os.tmpdir(), 'gp-layer-workers-'));
+  root = path.join(base, 'rootfs');
+  fs.mkdirSync(root);
+  pool = new LayerWorkers(2);
+});
+afterEach(async () => {
+  await pool.close();
+  fs.rmSync(base, { recursive: true, force: true });
+});
+
+/** A deterministic tar of `files` files (~`size` bytes each, incompressible enough to take a moment). */
+async function bigTar(files: number, size: number): Promise<Buffer> {
+  let x = 12345;
+  const bytes = (n: number): Buffer => {
+    const b = Buffer.alloc(n);
+    for (let i = 0; i < n; i++) {
+      x = (Math.imul(x, 1103515245) + 12345) >>> 0;
+      b[i] = x >>> 24;
+    }
+    return b;
+  };
+  return packTar([{ name: 'd/', type: 'directory' }, ...Array.from({ length: files }, (_, i) => ({ name: `d/f${i}`, content: bytes(size) }))]);
+}
+
+function options(source: Readable, tarBytes: Buffer, blob: Buffer, extra: Partial<ApplyLayerOptions> = {}): ApplyLayerOptions {
+  const logs: string[] = [];
+  return {
+    source,
+    mediaType: MediaType.OCI_LAYER_GZIP,
+    compressedSize: blob.length,
+    diffId: sha256(tarBytes),
+    layerDigest: LAYER_DIGEST,
+    rootfs: root,
+    image: 'registry.test/workers:unit',
+    logger: { debug: (_f: Record<string, unknown>, msg: string) => logs.push(msg) },
+    ...extra,
+  };
+}
+
+/** Feed `blob` in small chunks with a pause between them (a slow download). */
+function slowSource(blob: Buffer, chunk: number, pauseMs: number, failAt?: number): Readable {
+  return Readable.from(
+    (async function* () {
+      for (let at = 0; at < blob.length; at += chunk) {
+        if (failAt !== undefined && at >= failAt) throw new GuestpullError('UNAVAILABLE', 'connection reset by 127.0.0.1:9 (test)');
+        yield blob.subarray(at, at + chunk);
+        await new Promise((r) => setTimeout(r, pauseMs));
+      }
+    })(),
+  );
+}
+
+async function withSlot<T>(fn: (s: LayerSlot) => Promise<T>, signal?: AbortSignal): Promise<T> {
+  const slot = await pool.acquire(signal);
+  try {
+    return await fn(slot);
+  } finally {
+    slot.release();
+  }
+}
+
+describe('LayerWorkers', () => {
+  it('uses worker threads for the compiled pool', () => {
+    expect(pool.inThread).toBe(false);
+  });
+
+  it('applies a layer in a worker: the same tree and counts as in-process', async () => {
+    const t = await packTar([
+      { name: 'etc/', type: 'directory', mode: 0o755 },
+      { name: 'etc/hostname', content: 'worker\n', mode: 0o644 },
+      { name: 'bin/', type: 'directory' },
+      { name: 'bin/sh', type: 'symlink', linkname: '/bin/busybox' },
+      { name: 'etc/.wh.gone' },
+    ]);
+    const blob = zlib.gzipSync(t);
+    const r: ApplyLayerResult = await withSlot((s) => s.apply(options(Readable.from([blob]), t, blob)));
+    expect(r.entries).toBe(5);
+    expect(r.uncompressedBytes).toBe(t.length);
+    expect(fs.readFileSync(path.join(root, 'etc/hostname'), 'utf8')).toBe('worker\n');
+    expect(fs.readlinkSync(path.join(root, 'bin/sh'))).toBe('/bin/busybox');
+    expect(listTree(root).map((l) => l.split(' ')[0])).toEqual(expect.arrayContaining(['bin', 'bin/sh', 'etc', 'etc/hostname']));
+  });
+
+  it('carries a diff_id mismatch across the thread as DIGEST_MISMATCH', async () => {
+    const t = await packTar([{ name: 'a', content: 'x' }]);
+    const blob = zlib.gzipSync(t);
+    const wrong = `sha256:${'0'.repeat(64)}`;
+    const err = await withSlot((s) => s.apply(options(Readable.from([blob]), t, blob, { diffId: wrong }))).catch((e: unknown) => e);
+    expect((err as Error).name).toBe('GuestpullError');
+    expect((err as GuestpullErrorType).code).toBe('DIGEST_MISMATCH');
+    expect((err as GuestpullErrorType).message).toContain(wrong);
+  });
+
+  it('fails with the download error itself when the source breaks (as in-process)', async () => {
+    const t = await bigTar(40, 64 * 1024);
+    const blob = zlib.gzipSync(t, { level: 1 });
+    expect(blob.length).toBeGreaterThan(1024 * 1024);
+    const err = await withSlot((s) => s.apply(options(slowSource(blob, 16 * 1024, 1, Math.floor(blob.length / 3)), t, blob))).catch((e: unknown) => e);
+    expect((err as GuestpullErrorType).code).toBe('UNAVAILABLE');
+    expect((err as GuestpullErrorType).message).toBe('connection reset by 127.0.0.1:9 (test)');
+  });
+
+  it('stops a layer promptly on abort and keeps the worker usable', async () => {
+    const t = await bigTar(200, 64 * 1024);
+    const blob = zlib.gzipSync(t, { level: 1 });
+    const ac = new AbortController();
+    setTimeout(() => ac.abort(new GuestpullError('DEADLINE_EXCEEDED', 'deadline of 50 ms passed (test)')), 50);
+    const t0 = Date.now();
+    const err = await withSlot((s) => s.apply(options(slowSource(blob, 16 * 1024, 5), t, blob, { signal: ac.signal }))).catch((e: unknown) => e);
+    expect(Date.now() - t0).toBeLessThan(1000);
+    expect((err as GuestpullErrorType).code).toBe('CANCELLED');
+    // the same pool still works
+    const small = await packTar([{ name: 'after', content: 'ok' }]);
+    const sb = zlib.gzipSync(small);
+    await withSlot((s) => s.apply(options(Readable.from([sb]), small, sb)));
+    expect(fs.readFileSync(path.join(root, 'after'), 'utf8')).toBe('ok');
+  });
+
+  it('hands out at most `size` slots; a waiting acquire can be aborted', async () => {
+    const a = await pool.acquire();
+    const b = await pool.acquire();
+    let third: LayerSlot | undefined;
+    const waiting = pool.acquire().then((s) => (third = s));
+    await new Promise((r) => setTimeout(r, 50));
+    expect(third).toBeUndefined();
+    const ac = new AbortController();
+    const aborted = pool.acquire(ac.signal).catch((e: unknown) => e);
+    ac.abort(new GuestpullError('CANCELLED', 'test cancel'));
+    expect(((await aborted) as GuestpullErrorType).message).toBe('test cancel');
+    a.release();
+    await waiting;
+    expect(third).toBeDefined();
+    b.release();
+    third!.release();
+  });
+
+  it('fails the task of a worker that dies (INTERNAL) and replaces it', async () => {
+    const t = await bigTar(200, 64 * 1024);
+    const blob = zlib.gzipSync(t, { level: 1 });
+    const slot = await pool.acquire();
+    const running = slot.apply(options(slowSource(blob, 16 * 1024, 5), t, blob)).catch((e: unknown) => e);
+    await new Promise((r) => setTimeout(r, 100));
+    // Kill every worker the pool has (the test reaches into the pool: there is one busy worker).
+    const internals = pool as unknown as { all: Set<{ worker: { terminate(): Promise<number> } }> };
+    for (const w of internals.all) await w.worker.terminate();
+    const err = (await running) as GuestpullErrorType;
+    expect(err.code).toBe('INTERNAL');
+    expect(err.message).toMatch(/worker unpacking layer sha256:ab.* stopped/);
+    slot.release();
+    const small = await packTar([{ name: 'again', content: 'ok' }]);
+    const sb = zlib.gzipSync(small);
+    await withSlot((s) => s.apply(options(Readable.from([sb]), small, sb)));
+    expect(fs.readFileSync(path.join(root, 'again'), 'utf8')).toBe('ok');
+  });
+});
