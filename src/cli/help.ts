@@ -12,6 +12,7 @@ Commands:
   serve              run the gRPC daemon (ImagePullService + grpc.health.v1)
   pull IMAGE BUNDLE  pull one image into BUNDLE/rootfs + BUNDLE/config.json, print its digest
   gc                 clean the work dir (layer store); --drop-unused frees unused layers
+  fsck               check the work dir (layer store); exit 1 when problems are found
   initdata ...       prepare init-data on the host: digest, pack, annotation, check
   help [COMMAND]     show help
 
@@ -103,6 +104,40 @@ Options:
                        (or still being pulled) bundle uses; later pulls download them again
   --log-level LEVEL    trace, debug, info, warn, error, fatal or silent (default warn)
   -h, --help           show this help
+
+${EXIT_CODES_HELP}`;
+
+export const FSCK_HELP = `Usage: guestpull fsck [--work-dir DIR] [--config CDH_TOML] [--deep] [--repair] [--json]
+                     [--log-level LEVEL]
+
+Check the work dir (the layer store), also while a daemon is using it (they share the work dir
+mutex). Every layer directory must hold a valid record naming it, whose chain ID follows from its
+parent's and its diff ID, whose parent is in the store, and whose tree still matches the summary
+recorded when it was published (paths, types, modes, owners, sizes, link targets, devices,
+xattrs). Reported as problems: leftovers of killed processes (staging directories, incomplete
+layers, temp files), unknown names, bundle records naming missing layers, bundle directories
+without records, bundle records whose overlay is no longer mounted, half-made bundles, cached
+image configs that do not match their digest. Layers recorded by older versions, without a tree
+summary, are reported as unverifiable: a notice, not a problem.
+
+A summary goes to stderr: one headline, then one line per problem or notice.
+
+Options:
+  -c, --config FILE    cdh.toml whose [image] work_dir to check
+  --work-dir DIR       the work dir to check; overrides [image] work_dir
+                       (default ${DEFAULT_WORK_DIR})
+  --deep               also hash every file's content, compared where the layer's record has
+                       a content digest (slower: reads the whole store)
+  --repair             remove what nothing can be using: staging directories of processes that
+                       are gone (their mounts detached), incomplete layers, temp files, unknown
+                       names under layers/ and bundles/, configs that do not match their digest.
+                       Everything else is only reported
+  --json               print the whole report as JSON on stdout
+  --log-level LEVEL    trace, debug, info, warn, error, fatal or silent (default warn)
+  -h, --help           show this help
+
+Exit status: 0 when the store is clean (after --repair: nothing left unrepaired), 1 when problems
+are left; otherwise as below.
 
 ${EXIT_CODES_HELP}`;
 

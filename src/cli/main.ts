@@ -1,11 +1,12 @@
 /**
- * Command dispatch for the guestpull CLI: `serve`, `pull`, `gc`, `initdata …`, `help`, `--help`, `--version`.
+ * Command dispatch for the guestpull CLI: `serve`, `pull`, `gc`, `fsck`, `initdata …`, `help`, `--help`, `--version`.
  * Every failure leaves as one stderr line and an exit code from ./exit-codes.ts.
  */
 import { asGuestpullError } from '../errors.js';
 import { reportFailure, usageError } from './exit-codes.js';
+import { parseFsckArgs, runFsck } from './fsck.js';
 import { parseGcArgs, runGc } from './gc.js';
-import { GC_HELP, INITDATA_HELP, MAIN_HELP, PULL_HELP, SERVE_HELP } from './help.js';
+import { FSCK_HELP, GC_HELP, INITDATA_HELP, MAIN_HELP, PULL_HELP, SERVE_HELP } from './help.js';
 import { INITDATA_SUBCOMMAND_HELP, runInitdata } from './initdata.js';
 import { parsePullArgs, runPull } from './pull.js';
 import { parseServeArgs, runServe } from './serve.js';
@@ -15,6 +16,7 @@ const HELP: Readonly<Record<string, string>> = {
   serve: SERVE_HELP,
   pull: PULL_HELP,
   gc: GC_HELP,
+  fsck: FSCK_HELP,
   initdata: INITDATA_HELP,
   ...Object.fromEntries(Object.entries(INITDATA_SUBCOMMAND_HELP).map(([k, v]) => [`initdata ${k}`, v])),
 };
@@ -53,6 +55,10 @@ export async function main(argv: string[]): Promise<number> {
       case 'gc': {
         const args = parseGcArgs(rest);
         return args.help ? out(GC_HELP) : await runGc(args);
+      }
+      case 'fsck': {
+        const args = parseFsckArgs(rest);
+        return args.help ? out(FSCK_HELP) : await runFsck(args);
       }
       case 'initdata':
         return await runInitdata(rest);

@@ -99,17 +99,12 @@ export class RegistryClient {
       });
     }
     const what = `manifest ${reference} of ${this.image} from ${this.origin}`;
-    const res = await this.send(this.url('manifests', reference), { accept: MANIFEST_ACCEPT }, { kind: 'manifest', ref: reference }, signal);
-    const announced = contentLength(res);
-    if (announced !== undefined && announced > this.manifestBytes) {
-      res.body.destroy();
-      throw this.tooLarge(what, `announces ${announced} bytes`);
-    }
-    const { bytes, overflow } = await readBounded(res.body, this.manifestBytes);
+    const url = this.url('manifests', reference);
+    const { res, bytes, overflow } = await this.readManifest(url, reference, what, signal);
     if (overflow) throw this.tooLarge(what, 'is larger');
     const digest = digestOf(bytes, byDigest ? parseDigest(reference).algorithm : 'sha256');
     if (byDigest && digest !== reference) {
-      throw new GuestpullError(ErrorCode.DIGEST_MISMATCH, `${what}: content digest is ${digest}, expected ${reference}`, {
+      throw new GuestpullError(ErrorCode.DIGEST_MISMATCH, `${what}: digest mismatch: the content's digest is ${digest}, expected ${reference}`, {
         image: this.image,
         endpoint: this.origin,
       });
@@ -120,12 +115,54 @@ export class RegistryClient {
   }
 
   /**
+   * GET a manifest and read its body (bounded). A body that breaks off (reset, cut, idle timeout)
+   * is fetched again from the start, up to `transport.maxAttempts` reads in all; the transport has
+   * already retried failures before the response head.
+   */
+  private async readManifest(
+    url: string,
+    reference: string,
+    what: string,
+    signal?: AbortSignal,
+  ): Promise<{ res: HttpResponse; bytes: Buffer; overflow: boolean }> {
+    for (let attempt = 1; ; attempt++) {
+      const res = await this.send(url, { accept: MANIFEST_ACCEPT }, { kind: 'manifest', ref: reference }, signal);
+      const announced = contentLength(res);
+      if (announced !== undefined && announced > this.manifestBytes) {
+        res.body.destroy();
+        throw this.tooLarge(what, `announces ${announced} bytes`);
+      }
+      try {
+        const { bytes, overflow } = await readBounded(res.body, this.manifestBytes);
+        return { res, bytes, overflow };
+      } catch (e) {
+        res.body.destroy();
+        const reason = retryReason(e);
+        if (signal?.aborted || reason === undefined) throw e;
+        if (attempt >= this.transport.maxAttempts) throw this.gaveUp(what, `reading it failed ${attempt} times`, e);
+        const delayMs = this.transport.backoff(attempt);
+        this.logger.info({ image: this.image, reference, attempt: attempt + 1, reason, delayMs }, 'manifest download interrupted; fetching it again');
+        await sleep(delayMs, signal, url);
+      }
+    }
+  }
+
+  /** The last error of a download that was given up, with what was being fetched and how often it broke. */
+  private gaveUp(what: string, how: string, e: unknown): GuestpullError {
+    const g = e instanceof GuestpullError ? e : undefined;
+    const last = e instanceof Error ? e.message : String(e);
+    return new GuestpullError(g?.code ?? ErrorCode.UNAVAILABLE, `${what}: ${how}, giving up; the last time: ${last}`, { image: this.image, endpoint: this.origin, ...(g?.context ?? {}) }, { cause: e });
+  }
+
+  /**
    * A stream of exactly `desc.size` bytes whose digest is `desc.digest`; it errors (DIGEST_MISMATCH)
    * otherwise. When the body breaks off (reset, idle timeout), the download goes on where it
    * stopped: `Range: bytes=<received>-` (unless the server said `Accept-Ranges: none`); a 206 is
    * appended, a 200 (Range ignored) is read from the start and its first <received> bytes are
-   * dropped. The consumer sees one seamless stream and the digest covers exactly the bytes it
-   * received, each once. Interruptions without progress count against `transport.maxAttempts`.
+   * dropped. A close-delimited body (neither Content-Length nor chunked) that ends before
+   * `desc.size` counts as broken off too: nothing else tells a truncating middlebox from the end.
+   * The consumer sees one seamless stream and the digest covers exactly the bytes it received,
+   * each once. Interruptions in a row without progress count against `transport.maxAttempts`.
    */
   async getBlob(desc: Descriptor, signal?: AbortSignal): Promise<Readable> {
     const started = performance.now();
@@ -158,10 +195,11 @@ export class RegistryClient {
     const announced = contentLength(res);
     if (announced !== undefined && announced !== desc.size) {
       res.body.destroy();
-      throw new GuestpullError(ErrorCode.DIGEST_MISMATCH, `${what}: the registry announces ${announced} bytes, the descriptor promises ${desc.size}`, {
-        image: this.image,
-        layer: desc.digest,
-      });
+      throw new GuestpullError(
+        ErrorCode.DIGEST_MISMATCH,
+        `${what}: Content-Length mismatch: the response announces ${announced} bytes, the descriptor promises ${desc.size}`,
+        { image: this.image, endpoint: this.origin, layer: desc.digest },
+      );
     }
   }
 
@@ -185,6 +223,8 @@ export class RegistryClient {
     try {
       for (;;) {
         const before = received;
+        let reason: string;
+        let failure: unknown;
         try {
           for await (const c of res.body) {
             let chunk = c as Buffer;
@@ -197,26 +237,34 @@ export class RegistryClient {
             received += chunk.length;
             yield chunk;
           }
-          return;
+          // A clean end: complete, or a framed body the registry says is all there is (the verifier judges).
+          if (received >= desc.size || !closeDelimited(res)) return;
+          reason = 'body ended early (connection closed)';
         } catch (e) {
           res.body.destroy();
           // Everything is here: let the verifier judge it.
           if (received >= desc.size) return;
-          const reason = retryReason(e);
-          if (signal.aborted || reason === undefined) throw e;
-          streak = received > before ? 1 : streak + 1;
-          if (streak >= this.transport.maxAttempts) throw e;
-          attempt++;
-          const delayMs = this.transport.backoff(streak);
-          this.logger.info(
-            { image: this.image, layer: desc.digest, attempt, received, bytes: desc.size, reason, delayMs, range: ranges },
-            'blob download interrupted; resuming',
-          );
-          await sleep(delayMs, signal, url);
-          res = await this.resumeBlob(url, desc, received, ranges, what, signal);
-          current.body = res.body;
-          skip = res.statusCode === 206 ? 0 : received;
+          const why = retryReason(e);
+          if (signal.aborted || why === undefined) throw e;
+          reason = why;
+          failure = e;
         }
+        streak = received > before ? 1 : streak + 1;
+        if (streak >= this.transport.maxAttempts) {
+          // A truncated close-delimited body: the verifier reports the missing bytes.
+          if (failure === undefined) return;
+          throw this.gaveUp(what, `download broke off ${attempt} times, the last ${streak} without progress (at byte ${received} of ${desc.size})`, failure);
+        }
+        attempt++;
+        const delayMs = this.transport.backoff(streak);
+        this.logger.info(
+          { image: this.image, layer: desc.digest, attempt, received, bytes: desc.size, reason, delayMs, range: ranges },
+          'blob download interrupted; resuming',
+        );
+        await sleep(delayMs, signal, url);
+        res = await this.resumeBlob(url, desc, received, ranges, what, signal);
+        current.body = res.body;
+        skip = res.statusCode === 206 ? 0 : received;
       }
     } finally {
       res.body.destroy();
@@ -273,14 +321,24 @@ export class RegistryClient {
   private async send(url: string, headers: Record<string, string>, target: Target, signal?: AbortSignal, ok: readonly number[] = [200]): Promise<HttpResponse> {
     const sig = signal ? { signal } : {};
     const first = await this.auth.authorization(signal);
-    let res = await this.transport.request({ url, headers: withAuth(headers, first), ...sig });
+    let res = await this.request(url, withAuth(headers, first), target, sig);
     if (res.statusCode === 401) {
       await readBounded(res.body, this.errorBodyBytes).catch(() => undefined);
       const retry = await this.auth.answer(res.headers['www-authenticate'], first, signal);
-      res = await this.transport.request({ url, headers: withAuth(headers, retry), ...sig });
+      res = await this.request(url, withAuth(headers, retry), target, sig);
     }
     if (!ok.includes(res.statusCode)) throw await this.statusError(res, target);
     return res;
+  }
+
+  /** One transport request; a network failure (after the transport's retries) says what was being fetched. */
+  private async request(url: string, headers: Record<string, string>, target: Target, sig: { signal?: AbortSignal }): Promise<HttpResponse> {
+    try {
+      return await this.transport.request({ url, headers, ...sig });
+    } catch (e) {
+      if (!(e instanceof GuestpullError) || e.code !== ErrorCode.UNAVAILABLE || sig.signal?.aborted) throw e;
+      throw new GuestpullError(e.code, `${target.kind} ${target.ref} of ${this.image}: ${e.message}`, { image: this.image, ...e.context }, { cause: e });
+    }
   }
 
   private async statusError(res: HttpResponse, target: Target): Promise<GuestpullError> {
@@ -340,6 +398,11 @@ function parseContentRange(v: string): { start: number; end: number; total?: num
   const end = Number(m[2]);
   if (end < start) return undefined;
   return m[3] === '*' ? { start, end } : { start, end, total: Number(m[3]) };
+}
+
+/** Neither Content-Length nor chunked: the body ends when the connection does. */
+function closeDelimited(res: HttpResponse): boolean {
+  return contentLength(res) === undefined && !/\bchunked\b/i.test(headerText(res.headers['transfer-encoding']));
 }
 
 function contentLength(res: HttpResponse): number | undefined {

@@ -63,7 +63,7 @@ export class VerifyingStream extends Transform {
       cb(
         new GuestpullError(
           ErrorCode.DIGEST_MISMATCH,
-          `${this.target.what}: content digest is ${this.algorithm}:${got}, expected ${this.target.digest}`,
+          `${this.target.what}: digest mismatch: the content's digest is ${this.algorithm}:${got}, expected ${this.target.digest}`,
           { digest: this.target.digest },
         ),
       );

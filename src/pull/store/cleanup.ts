@@ -7,13 +7,15 @@
  *     rootfs (the runtime unmounted it), and half-made ones: `pending` whose process is gone, or
  *     `mounted` without a config.json whose process is gone (killed before the pull finished; their
  *     overlay is unmounted and its empty rootfs directory removed, so the bundle can be pulled again);
- *     with their upper and work directories;
+ *     with their upper and work directories. A dead `pending` record's pull may have been killed
+ *     between `mkdir <bundle>/rootfs` and the mount (../bundle/overlay.ts): that rootfs is removed
+ *     too (see removeEmptyRootfs for when exactly), so a retry into the same bundle works;
  *   - with `dropUnused`: layers and configs that no live bundle record uses.
  * What a live process has in progress (its staging directories, its pending records and the
  * layers they name) is never touched. Nothing is removed below a directory with a mount inside it.
  */
 import { existsSync } from 'node:fs';
-import { lstat, readdir, rm, rmdir } from 'node:fs/promises';
+import { lstat, readdir, realpath, rm, rmdir } from 'node:fs/promises';
 import path from 'node:path';
 import type { Logger } from '../../log.js';
 import { chainHex, isChainHex, type Layout } from './layout.js';
@@ -36,6 +38,8 @@ export interface GcReport {
   incompleteLayers: number;
   /** Bundle records (and their upper/work directories) whose overlay or process is gone. */
   deadBundles: number;
+  /** Empty, never-mounted `<bundle>/rootfs` directories of dead pending bundle records. */
+  emptyRootfs: number;
   /** Layers no live bundle uses (only with dropUnused). */
   unusedLayers: number;
   /** Cached image configs no live bundle uses (only with dropUnused). */
@@ -100,9 +104,51 @@ async function unmountHalfMade(layout: Layout, id: string, mounts: readonly Moun
   }
 }
 
+/** How much earlier than its record's `created` a rootfs may look made (coarse file timestamps). */
+const CLOCK_SLACK_MS = 1000;
+
+/**
+ * A dead `pending` bundle record's pull was killed before its overlay was recorded as mounted; if
+ * it got as far as `mkdir <bundle>/rootfs` (../bundle/overlay.ts: prepare the bundle directory,
+ * mkdir rootfs, mount), that directory is left. Remove it with rmdir only when all of these hold,
+ * else keep it and say why: no live record names the same bundle; the bundle path is absolute and
+ * has no symlink in it (its real path is itself); the bundle has no config.json; `rootfs` is a
+ * directory (not a symlink) on the bundle's own filesystem, nothing is mounted at or below it, it
+ * is empty, and it was made after the record was written (birth time, or ctime where the
+ * filesystem has none). `mounts` is the mount table after half-made overlays were taken down.
+ */
+export async function removeEmptyRootfs(rec: BundleRecord, mounts: readonly MountEntry[], liveBundles: ReadonlySet<string>): Promise<{ removed: boolean; rootfs: string; reason?: string }> {
+  const bundle = rec.bundle;
+  const rootfs = path.join(bundle, 'rootfs');
+  const keep = (reason: string): { removed: false; rootfs: string; reason: string } => ({ removed: false, rootfs, reason });
+  if (rec.state !== 'pending' || ownerAlive(rec.owner)) return keep('the record is not a dead pending one');
+  if (!path.isAbsolute(bundle) || path.resolve(bundle) !== bundle) return keep('the bundle path is not absolute and normal');
+  if (liveBundles.has(bundle)) return keep('a live pull uses the same bundle');
+  try {
+    const bst = await lstat(bundle).catch(() => undefined);
+    if (bst === undefined) return keep('the bundle directory is gone');
+    if (!bst.isDirectory()) return keep('the bundle is not a directory');
+    if ((await realpath(bundle)) !== bundle) return keep('the bundle path goes through a symlink');
+    if ((await lstat(path.join(bundle, 'config.json')).catch(() => undefined)) !== undefined) return keep('the bundle has a config.json');
+    const st = await lstat(rootfs).catch(() => undefined);
+    if (st === undefined) return keep('there is no rootfs');
+    if (!st.isDirectory()) return keep('rootfs is not a directory');
+    if (st.dev !== bst.dev || mountsUnder(mounts, rootfs).length > 0) return keep('rootfs is a mount point or has mounts below it');
+    const created = Date.parse(rec.created);
+    const made = st.birthtimeMs > 0 ? st.birthtimeMs : st.ctimeMs;
+    if (!Number.isFinite(created) || made < created - CLOCK_SLACK_MS) return keep('rootfs is older than the record');
+    if ((await readdir(rootfs)).length > 0) return keep('rootfs is not empty');
+    // rmdir: removes only an empty directory, never a symlink's target, refuses a mount point.
+    await rmdir(rootfs);
+    return { removed: true, rootfs };
+  } catch (e) {
+    return keep(`cannot inspect or remove it: ${(e as Error).message}`);
+  }
+}
+
 /** Collect garbage; the caller holds the work dir mutex. */
 export async function collectGarbage(layout: Layout, opts: GcOptions): Promise<GcReport> {
-  const report: GcReport = { staging: 0, incompleteLayers: 0, deadBundles: 0, unusedLayers: 0, unusedConfigs: 0, strays: 0, layers: 0, liveBundles: 0 };
+  const report: GcReport = { staging: 0, incompleteLayers: 0, deadBundles: 0, emptyRootfs: 0, unusedLayers: 0, unusedConfigs: 0, strays: 0, layers: 0, liveBundles: 0 };
   const mountsNow = opts.mounts ?? (() => readMounts());
   const log = opts.logger;
   let mounts = mountsNow();
@@ -145,15 +191,29 @@ export async function collectGarbage(layout: Layout, opts: GcOptions): Promise<G
   mounts = mountsNow();
   const bundleNames = await entries(layout.bundlesDir);
   const live = new Map<string, BundleRecord>();
+  const deadPending: BundleRecord[] = [];
   for (const name of bundleNames) {
     if (!name.endsWith('.json') || !BUNDLE_ID.test(name.slice(0, -5))) continue;
     const id = name.slice(0, -5);
     const rec = await readRecord(layout.bundleRecord(id), BundleRecord);
-    if (rec && rec.id === id && bundleLive(layout, rec, mounts)) live.set(id, rec);
+    if (!rec || rec.id !== id) continue;
+    if (bundleLive(layout, rec, mounts)) live.set(id, rec);
+    else if (rec.state === 'pending') deadPending.push(rec);
   }
   const halfMade = bundleNames.filter((n) => n.endsWith('.json') && !live.has(n.slice(0, -5))).map((n) => n.slice(0, -5));
   for (const id of halfMade) if (BUNDLE_ID.test(id)) await unmountHalfMade(layout, id, mounts, log);
   mounts = mountsNow();
+  // Before their records go: an interrupted removal is retried by the next cleanup.
+  const liveBundles = new Set([...live.values()].map((r) => path.resolve(r.bundle)));
+  for (const rec of deadPending) {
+    const r = await removeEmptyRootfs(rec, mounts, liveBundles);
+    if (r.removed) {
+      report.emptyRootfs++;
+      log?.warn({ rootfs: r.rootfs, bundleId: rec.id }, 'removed the empty rootfs directory of a pull killed before its mount');
+    } else if (r.reason !== 'there is no rootfs' && r.reason !== 'the bundle directory is gone') {
+      log?.info({ rootfs: r.rootfs, bundleId: rec.id, reason: r.reason }, 'kept the rootfs path of a pull killed before its mount');
+    }
+  }
   for (const name of bundleNames) {
     const isRecord = name.endsWith('.json');
     const id = isRecord ? name.slice(0, -5) : name;

@@ -8,3 +8,7 @@ export { chainHex, chainIds, Layout } from './layout.js';
 export { unmountQuietly } from './overlay.js';
 export { isOverlayMounted, readMounts } from './mountinfo.js';
 export { gcWorkDir, type GcWorkDirOptions } from './gc.js';
+export {
+  formatFsckReport, fsckStore, fsckWorkDir, summarizeTree, summarizeTreeWithContent,
+  type FsckKind, type FsckOptions, type FsckProblem, type FsckReport, type FsckWorkDirOptions, type TreeSummary,
+} from './fsck.js';

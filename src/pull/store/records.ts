@@ -16,6 +16,19 @@ export const TEMP_MARK = ATOMIC_TEMP_MARK;
 
 const Hex64 = z.string().regex(/^[0-9a-f]{64}$/);
 
+/** What ./fsck.ts summarizeTree computes over a layer's `diff/` tree. */
+export const TreeSummary = z.object({
+  /** Entries walked, the root included. */
+  entries: z.number().int().nonnegative(),
+  /** Sum of the sizes of regular files (per path: hard links count once per name). */
+  bytes: z.number().int().nonnegative(),
+  /** sha256 hex over one line of metadata per entry (path, type, mode, owner, size, link target or device, xattrs). */
+  digest: Hex64,
+  /** The same with each regular file's content sha256 in its line; only where it was computed. */
+  contentDigest: Hex64.optional(),
+});
+export type TreeSummary = z.infer<typeof TreeSummary>;
+
 export const LayerRecord = z.object({
   version: z.literal(RECORD_VERSION),
   /** sha256:<hex> of the whole chain up to this layer (or the diff ID of a base layer). */
@@ -32,6 +45,11 @@ export const LayerRecord = z.object({
   uncompressedBytes: z.number().int().nonnegative(),
   entries: z.number().int().nonnegative(),
   created: z.string(),
+  /**
+   * A summary of the unpacked tree as published (./fsck.ts summarizeTree), checked by `guestpull
+   * fsck`; absent in records written before it existed (fsck reports those as unverifiable).
+   */
+  tree: TreeSummary.optional(),
 });
 export type LayerRecord = z.infer<typeof LayerRecord>;
 

@@ -22,6 +22,7 @@ import type { Snapshotter } from '../../config/index.js';
 import { asGuestpullError, ErrorCode, GuestpullError } from '../../errors.js';
 import type { Logger } from '../../log.js';
 import { collectGarbage, stagingName, validLayer, type GcReport } from './cleanup.js';
+import { summarizeTree } from './fsck.js';
 import { ConfigCache } from './configs.js';
 import { chainHex, Layout } from './layout.js';
 import { acquireLock, LocalQueue, ownerTag } from './lock.js';
@@ -372,6 +373,8 @@ export class Store {
         uncompressedBytes: result.uncompressedBytes,
         entries: result.entries,
         created: new Date().toISOString(),
+        // What `guestpull fsck` checks the published tree against.
+        tree: await summarizeTree(diff),
       };
       await writeJsonAtomic(path.join(layer, path.basename(this.layout.layerRecord(hex))), record);
       await this.publish(hex, layer, dir);

@@ -5,8 +5,8 @@
  * carries user:password, `Proxy-Authorization` are visible to the proxy; the registry's own headers
  * travel inside the tunnel (inside TLS for https registries). Trust: system roots plus
  * `extra_root_certificates` for registries (direct and tunnelled: `requestTls`) and for HTTPS
- * proxies (`proxyTls`). Errors raised while connecting to the proxy itself are remembered so the
- * messages can blame the proxy rather than the registry.
+ * proxies (`proxyTls`). Errors raised while connecting to the proxy itself, or while it is asked
+ * to open a tunnel, are remembered so the messages can blame the proxy rather than the registry.
  */
 import net from 'node:net';
 import { Agent, buildConnector, Pool, ProxyAgent, type Dispatcher } from 'undici';
@@ -16,14 +16,41 @@ import type { Route } from './proxy.js';
 /** Errors raised while connecting (TCP or TLS) to a proxy, as opposed to the registry behind it. */
 const proxySideErrors = new WeakSet<object>();
 
-/** Was `e` (or anything in its cause chain) raised connecting to a proxy? */
-export function isProxySideError(e: unknown): boolean {
+/** Errors of the CONNECT exchange with a proxy (reset, closed or stalled before it answered). */
+const tunnelErrors = new WeakSet<object>();
+
+function inChain(set: WeakSet<object>, e: unknown): boolean {
   let x: unknown = e;
   for (let depth = 0; depth < 6 && typeof x === 'object' && x !== null; depth++) {
-    if (proxySideErrors.has(x)) return true;
+    if (set.has(x)) return true;
     x = x instanceof Error ? x.cause : undefined;
   }
   return false;
+}
+
+/** Was `e` (or anything in its cause chain) raised connecting to a proxy? */
+export function isProxySideError(e: unknown): boolean {
+  return inChain(proxySideErrors, e);
+}
+
+/** Was `e` raised while a proxy was asked to open a tunnel (before it answered the CONNECT)? */
+export function isTunnelError(e: unknown): boolean {
+  return inChain(tunnelErrors, e);
+}
+
+/** The pool to a proxy, with the failures of its CONNECT requests remembered as the proxy's. */
+function markTunnelErrors(pool: Pool): Pool {
+  const connect = pool.connect.bind(pool);
+  const marked = async (options: Dispatcher.ConnectOptions): Promise<Dispatcher.ConnectData> => {
+    try {
+      return await connect(options);
+    } catch (e) {
+      if (typeof e === 'object' && e !== null) tunnelErrors.add(e);
+      throw e;
+    }
+  };
+  // ProxyAgent opens each tunnel with `await pool.connect(options)`.
+  return Object.assign(pool, { connect: marked });
 }
 
 export interface DispatcherOptions {
@@ -103,7 +130,7 @@ export class Dispatchers {
       proxyTunnel: true,
       proxyTls: tlsOpts,
       requestTls: tlsOpts,
-      clientFactory: (origin: URL) => new Pool(origin, { connect, headersTimeout: this.opts.timeouts.headers, connections: POOL.connections }),
+      clientFactory: (origin: URL) => markTunnelErrors(new Pool(origin, { connect, headersTimeout: this.opts.timeouts.headers, connections: POOL.connections })),
       headersTimeout: this.opts.timeouts.headers,
       bodyTimeout: this.opts.timeouts.body,
       ...POOL,

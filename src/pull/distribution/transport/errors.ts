@@ -5,7 +5,7 @@
  * person can act on, and what to do about it.
  */
 import { ErrorCode, GuestpullError } from '../../../errors.js';
-import { isProxySideError } from './dispatchers.js';
+import { isProxySideError, isTunnelError } from './dispatchers.js';
 import { effectivePort } from './noproxy.js';
 import { proxyLabel } from './proxy.js';
 
@@ -95,10 +95,11 @@ function describe(codes: string[], e: unknown, host: string, timeouts: TimeoutsM
   if (has('ENOTFOUND')) return { cause: `host not found (DNS lookup of ${host} failed)`, hint: 'check the registry name and the guest DNS or proxy configuration' };
   if (has('EAI_AGAIN')) return { cause: `host not found (temporary DNS failure looking up ${host})`, hint: 'check the guest DNS or proxy configuration' };
   if (has('UND_ERR_CONNECT_TIMEOUT', 'ETIMEDOUT')) return { cause: `timed out connecting after ${timeouts.connect} ms`, hint };
-  if (has('UND_ERR_HEADERS_TIMEOUT')) return { cause: `timed out waiting ${timeouts.headers} ms for response headers`, hint };
-  if (has('UND_ERR_BODY_TIMEOUT')) return { cause: `timed out: no response body data for ${timeouts.body} ms`, hint };
-  if (has('ECONNRESET', 'EPIPE', 'UND_ERR_SOCKET', 'UND_ERR_CLOSED')) return { cause: 'connection reset (closed by the other side)', hint };
-  if (has('UND_ERR_RES_CONTENT_LENGTH_MISMATCH')) return { cause: 'response body shorter or longer than its Content-Length', hint };
+  if (has('UND_ERR_HEADERS_TIMEOUT')) return { cause: `stalled, timed out waiting ${timeouts.headers} ms for response headers (headers_timeout_secs)`, hint };
+  if (has('UND_ERR_BODY_TIMEOUT')) return { cause: `stalled, timed out: no response body data for ${timeouts.body} ms (idle_timeout_secs)`, hint };
+  if (has('UND_ERR_RES_CONTENT_LENGTH_MISMATCH')) return { cause: 'Content-Length mismatch: the response body is shorter or longer than announced', hint };
+  if (has('ECONNRESET', 'EPIPE')) return { cause: 'connection reset (closed by the other side)', hint };
+  if (has('UND_ERR_SOCKET', 'UND_ERR_CLOSED')) return { cause: 'connection reset (closed by the other side before the response was complete)', hint };
   if (has('EHOSTUNREACH', 'ENETUNREACH')) return { cause: 'network unreachable', hint };
   const untrusted = codes.find((c) => UNTRUSTED_CERT_CODES.has(c));
   if (untrusted) {
@@ -163,6 +164,15 @@ function proxiedError(e: unknown, url: URL, proxy: URL, codes: string[], timeout
     const d = describe(codes, e, proxy.host, timeouts, 'proxy');
     const hint = d.hint.startsWith('add ') ? d.hint : `check ${key} and that the proxy is up and reachable from the guest`;
     return new GuestpullError(ErrorCode.UNAVAILABLE, `cannot connect to proxy ${via} (for ${origin}): ${d.cause}; ${hint}`, ctx, opts);
+  }
+  if (isTunnelError(e)) {
+    const d = describe(codes, e, proxy.host, timeouts, 'proxy');
+    return new GuestpullError(
+      ErrorCode.UNAVAILABLE,
+      `proxy ${via} failed while opening a tunnel to ${origin} (CONNECT ${target}): ${d.cause}; check ${key}, that the proxy is up and that it allows CONNECT to ${target}`,
+      ctx,
+      opts,
+    );
   }
   const d = describe(codes, e, url.host, timeouts, 'registry');
   return new GuestpullError(ErrorCode.UNAVAILABLE, `cannot reach ${origin} through proxy ${via}: ${d.cause}; ${d.hint}`, ctx, opts);
