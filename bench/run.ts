@@ -5,7 +5,7 @@
  *
  *   npm run bench -- [--images small,medium,large,medium-zstd,many-files] [--runs 3] [--smoke]
  *                    [--json bench/results/latest.json] [--no-concurrent] [--verify]
- *                    [--snapshotter auto|overlay|copy] [--cache-dir DIR] [--tmp DIR]
+ *                    [--snapshotter auto|overlay|copy] [--cache-dir DIR] [--tmp DIR] [--tmpfs SIZE|0]
  *
  * Per image, one warm-up round (not counted) then `--runs` rounds; in each round the subjects run
  * one after the other, in an order rotated every round: the one-shot CLI (cold), the daemon
@@ -18,6 +18,11 @@
  * medium-zstd and many-files pulled at once on one cold daemon, compared with the sum of their
  * single-pull CPU medians over the cores.
  *
+ * Everything a run writes (registry storage, work dirs, bundles, the peer's OCI layout) lives on a
+ * tmpfs mounted for the run (`--tmpfs SIZE`, default 12g; `--tmpfs 0` for the file system of
+ * `--tmp`): in a guest it is RAM too, and no disk writeback from one run slows the next. guestpull
+ * runs as the installed command does (dist/cli.js through its shebang, which sets node's flags).
+ *
  * Images are generated once into a cache keyed by generator version and parameters
  * ($XDG_CACHE_HOME/guestpull-bench, else /var/tmp/guestpull-bench) and pushed to a fresh registry
  * each run. `--smoke` runs tiny versions of every image once, with no warm-up, verifying every
@@ -25,6 +30,7 @@
  * Prints the machine and a Markdown table on stdout (progress on stderr), and writes JSON.
  * Needs `npm run build` first (npm run bench does it) and root (mounts, umoci as root).
  */
+import { execFileSync } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -61,6 +67,8 @@ interface Options {
   snapshotter: string;
   cacheDir: string;
   tmpBase: string;
+  /** Size of the tmpfs mounted on the run's tmp dir (undefined: none). */
+  tmpfs: string | undefined;
 }
 
 function usage(msg: string): never {
@@ -80,6 +88,7 @@ function parseOptions(): Options {
       snapshotter: { type: 'string', default: 'auto' },
       'cache-dir': { type: 'string' },
       tmp: { type: 'string' },
+      tmpfs: { type: 'string', default: '12g' },
     },
     strict: true,
   });
@@ -101,6 +110,7 @@ function parseOptions(): Options {
     snapshotter: values.snapshotter,
     cacheDir: path.resolve(values['cache-dir'] ?? (xdg ? path.join(xdg, 'guestpull-bench') : '/var/tmp/guestpull-bench')),
     tmpBase: path.resolve(values.tmp ?? os.tmpdir()),
+    tmpfs: values.tmpfs === '0' ? undefined : values.tmpfs,
   };
 }
 
@@ -144,6 +154,12 @@ async function main(scope: Scope, opts: Options): Promise<number> {
   await removeAbandonedRuns(opts.tmpBase, progress);
   const tmp = mkdtempSync(path.join(opts.tmpBase, `guestpull-bench-${process.pid}-`));
   scope.defer(`remove ${tmp}`, () => removeTree(tmp));
+  if (opts.tmpfs !== undefined) {
+    // Work dirs, bundles and the peer's OCI layout in RAM, as in a guest: no disk writeback from
+    // one run slowing the next.
+    execFileSync('mount', ['-t', 'tmpfs', '-o', `size=${opts.tmpfs},mode=0700`, 'guestpull-bench', tmp]);
+    scope.defer(`unmount ${tmp}`, () => void execFileSync('umount', ['-R', tmp]));
+  }
   const machine = describeMachine(tmp);
   progress(`bench: ${machine.cores} cores, ${machine.cpuModel}, Linux ${machine.kernel}, Node ${machine.node}, ${machine.skopeo}, ${machine.umoci}`);
 

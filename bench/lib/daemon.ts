@@ -1,8 +1,9 @@
 /**
- * The daemon under test: `node dist/cli.js serve` on a free 127.0.0.1 port with its own work dir,
+ * The daemon under test: `dist/cli.js serve`, run as the installed `guestpull` command is (its
+ * shebang gives node its flags), on a free 127.0.0.1 port with its own work dir,
  * ready once grpc health says SERVING (start-up is not timed). Stopped with SIGTERM, then the
  * whole process group with SIGKILL after a grace period; the Scope kills it on Ctrl-C, and
- * setpriv --pdeathsig TERM (setpriv execs node: the pid is the daemon's) if this process dies.
+ * setpriv --pdeathsig TERM (setpriv execs env, which execs node: the pid is the daemon's) if this process dies.
  */
 import type { ChildProcess } from 'node:child_process';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -24,7 +25,7 @@ const LOG_LIMIT = 64 * 1024;
 async function startOnce(scope: Scope, cli: string, config: string, workDir: string, port: number): Promise<BenchDaemon | { failed: string }> {
   const args = [cli, 'serve', '--listen', `127.0.0.1:${port}`, '--config', config, '--work-dir', workDir, '--log-level', 'warn'];
   const [setpriv, ...pdeathsig] = dieWithParent('SIGTERM');
-  const child: ChildProcess = scope.spawn(setpriv!, [...pdeathsig, process.execPath, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const child: ChildProcess = scope.spawn(setpriv!, [...pdeathsig, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
   let out = '';
   const keep = (b: Buffer): void => {
     out = (out + b.toString('utf8')).slice(-LOG_LIMIT);

@@ -57,7 +57,7 @@ export async function runCli(env: BenchEnv, ref: string, label: string): Promise
   const bundle = path.join(env.tmp, `${label}-cli-bundle`);
   const work = path.join(env.tmp, `${label}-cli-work`);
   try {
-    const run = await runTimed(env.scope, [process.execPath, env.cli, 'pull', ref, bundle, '--config', env.cdhToml, '--work-dir', work, '--log-level', 'warn'], {
+    const run = await runTimed(env.scope, [env.cli, 'pull', ref, bundle, '--config', env.cdhToml, '--work-dir', work, '--log-level', 'warn'], {
       timeFile: path.join(env.tmp, `${label}-cli.time`),
     });
     const seen = await inspectBundle(env, bundle, `guestpull pull ${ref}`);

@@ -89,6 +89,8 @@ export interface Config {
     maxConcurrentLayerDownloadsPerImage: number;
     /** overlay mount of the layer store, flattened copy, or auto (overlay when the kernel allows). */
     snapshotter: Snapshotter;
+    /** Layer inflation threads; undefined: as many as the guest has cores (2 to 8). 0: none. */
+    unpackThreads?: number;
     imagePullProxy?: ImagePullProxy;
     extraRootCertificates: string[];
     registryConfig?: RegistriesConf;
@@ -234,6 +236,7 @@ export function parseConfig(tomlText: string, source: string): LoadedConfig {
       maxConcurrentLayerDownloadsPerImage:
         img.max_concurrent_layer_downloads_per_image ?? DEFAULT_MAX_CONCURRENT_LAYER_DOWNLOADS,
       snapshotter: img.snapshotter ?? DEFAULT_SNAPSHOTTER,
+      unpackThreads: img.unpack_threads,
       imagePullProxy: proxy
         ? nonEmpty(compact({ httpsProxy: proxy.https_proxy, httpProxy: proxy.http_proxy, noProxy: proxy.no_proxy }))
         : undefined,

@@ -53,6 +53,11 @@ export const ImageSection = z.object({
    * test mount works on this kernel, else copy.
    */
   snapshotter: z.enum(['overlay', 'copy', 'auto'], { error: 'expected "overlay", "copy" or "auto"' }).optional(),
+  /**
+   * guestpull extension: worker threads that inflate and hash layers while the pull's own thread
+   * applies them (0: inflate in the pull's own thread). Default: the guest's cores, 2 to 8.
+   */
+  unpack_threads: z.number().int().min(0).max(64).optional(),
   image_pull_proxy: z
     .object({
       https_proxy: ProxyUrl.optional(),

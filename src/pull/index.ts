@@ -27,11 +27,11 @@ import { buildRuntimeSpec } from './bundle/spec.js';
 import { RegistryClient, currentPlatform, resolveImage, type Credentials, type ResolvedImage } from './distribution/index.js';
 import type { Descriptor } from '../oci.js';
 import { Transport } from './distribution/transport/index.js';
-import type { ApplyLayerResult } from './layers/index.js';
-import { LayerWorkers } from './layers/workers.js';
+import { applyLayer, type ApplyLayerResult } from './layers/index.js';
+import { defaultWorkerCount, LayerWorkers } from './layers/workers.js';
 import { candidatesFor, type Candidate } from './registries/index.js';
 import { loadRegistryConfiguration } from './registries/load.js';
-import { createStaging } from './stage.js';
+import { createStaging, removeStaleStaging } from './stage.js';
 import { chainIds, Store, type BundleMode, type LayerSpec, type UnpackResult } from './store/index.js';
 
 export interface PullOptions {
@@ -88,8 +88,8 @@ export class Puller {
   private readonly inflight: Coalescer<PullResult>;
   private readonly bundleRoots: string[];
   private store: Promise<Store> | undefined;
-  /** Layers are unpacked in worker threads (./layers/workers.ts), a few at a time across all pulls. */
-  private readonly workers = new LayerWorkers();
+  /** Layers are inflated in worker threads (./layers/workers.ts), a few at a time across all pulls. */
+  private readonly workers: LayerWorkers;
   private readonly pullWarnings: string[];
   /** The registry configuration and credentials in force, loaded once here so bad ones fail at start. */
   private readonly registries: RegistriesConf;
@@ -101,6 +101,7 @@ export class Puller {
     this.logger = opts.logger;
     this.pullWarnings = opts.pullWarnings ?? [];
     this.bundleRoots = resolveBundleRoots(opts.bundleRoots ?? []);
+    this.workers = new LayerWorkers(opts.config.image.unpackThreads ?? defaultWorkerCount());
     this.inflight = new Coalescer<PullResult>({
       onJoin: (bundle, image, callers) => this.logger.info({ image, bundle, callers }, 'joining identical pull already in progress'),
       onAbandon: (bundle, image) => this.logger.info({ image, bundle }, 'every caller of this pull has gone: stopping it'),
@@ -180,6 +181,8 @@ export class Puller {
     const log = this.logger.child({ image, bundle });
     for (const w of this.pullWarnings) log.warn(w);
     const store = await this.openStore();
+    // What a killed pull left in this bundle goes first (a half-published copy rootfs included).
+    await removeStaleStaging(bundle, { logger: log });
     await checkBundleFree(bundle);
     const limits = this.config.image.limits;
 
@@ -284,7 +287,7 @@ export class Puller {
     let r: ApplyLayerResult;
     try {
       const source = await client.getBlob(layer, signal);
-      r = await slot.apply({
+      r = await applyLayer({
         source,
         mediaType: layer.mediaType,
         compressedSize: layer.size,
@@ -294,6 +297,7 @@ export class Puller {
         image,
         logger: log,
         limits: this.config.image.limits,
+        ...(slot.inflate ? { inflate: slot.inflate } : {}),
         ...(signal ? { signal } : {}),
       });
     } finally {
@@ -309,7 +313,7 @@ export class Puller {
     apply: (layer: Descriptor, i: number, root: string, sig?: AbortSignal) => Promise<UnpackResult>,
     c: BundleCommon,
   ): Promise<void> {
-    const staging = await createStaging(c.bundle);
+    const staging = await createStaging(c.bundle, { logger: c.log });
     try {
       for (const [i, layer] of layers.entries()) {
         c.signal?.throwIfAborted();
@@ -322,6 +326,12 @@ export class Puller {
     } catch (e) {
       await staging.discard();
       throw e;
+    }
+    try {
+      await staging.complete();
+    } catch (e) {
+      // The bundle is complete; only our staging directory is left (the next pull here removes it).
+      c.log.warn({ bundle: c.bundle, err: (e as Error).message }, 'could not remove the staging directory of a finished pull');
     }
   }
 

@@ -21,7 +21,7 @@
  * the daemon is killed while that exists, restarted, and the same bundle pulled again: the bundle
  * must be correct, and the dead pull's staging directory gone (the new staging removes it).
  */
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { createHash, randomInt } from 'node:crypto';
 import { existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { mkdir, mkdtemp } from 'node:fs/promises';
@@ -32,7 +32,10 @@ import { fileURLToPath } from 'node:url';
 import * as grpc from '@grpc/grpc-js';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { summarizeTreeWithContent, type FsckReport, type TreeSummary } from '../../src/pull/store/fsck.js';
+import { Layout } from '../../src/pull/store/layout.js';
+import { processStart } from '../../src/pull/store/lock.js';
 import { mountsUnder, readMounts } from '../../src/pull/store/mountinfo.js';
+import { type BundleRecord, writeJsonAtomic } from '../../src/pull/store/records.js';
 import { removeTree } from '../helpers/cleanup.js';
 import { startDaemon, type RunningDaemon } from '../helpers/daemon.js';
 import { connectClient, type PullClient } from '../helpers/grpc-client.js';
@@ -282,7 +285,8 @@ describe.skipIf(!isRoot)('SIGKILL during pulls', () => {
           const j = jobs[i]!;
           if (!r.ok && !r.afterKill) fail(`${j.ref} into ${j.bundle} failed before the kill: ${r.err?.code} ${r.err?.details}`);
           if (r.ok) {
-            if (r.afterKill) fail(`${j.ref} answered OK after the kill`);
+            // An OK seen after `killed` was set is a reply the daemon sent before the SIGKILL landed
+            // (already in the socket): a dead process cannot answer. Either way the bundle must be right.
             stats.completedBeforeKill++;
             done.push(j);
           } else if (existsSync(path.join(j.bundle, 'config.json'))) {
@@ -349,6 +353,43 @@ describe.skipIf(!isRoot)('SIGKILL during pulls', () => {
       throw e;
     }
   }, 240_000);
+
+  it('overlay mode: a pull killed between mkdir rootfs and the mount can be pulled again into the same bundle', async () => {
+    // The loop above reaches that window only now and then (`leftEmptyRootfs`); here the state
+    // such a kill leaves is made by hand: a pending bundle record of a dead process and an empty
+    // `<bundle>/rootfs`. The restarted daemon's store cleanup must remove both before the pull.
+    const dir = path.join(tmp, 'overlay-mkdir');
+    const workDir = path.join(dir, 'work');
+    await mkdir(dir, { recursive: true });
+    const { ref, tree } = await image('c', 3000);
+    let daemon = await start(dir, 'overlay', workDir);
+    try {
+      await daemon.client.pullImage(ref, path.join(dir, 'first'), { deadlineMs: PULL_DEADLINE_MS }); // the store exists
+      await stop(daemon);
+      const child = spawn('true', { stdio: 'ignore' });
+      await new Promise((r) => child.once('spawn', r));
+      const dead = `${child.pid}-${processStart(child.pid!) ?? '0'}`;
+      await new Promise((r) => child.once('exit', r));
+      const layout = new Layout(workDir);
+      const id = 'dead00000000beef';
+      const bundle = path.join(dir, 'killed');
+      const digest = `sha256:${'0'.repeat(64)}`;
+      const record: BundleRecord = {
+        version: 1, id, state: 'pending', owner: dead, bundle, rootfs: '', layers: [], image: ref,
+        manifestDigest: digest, configDigest: digest, created: new Date(Date.now() - 2000).toISOString(),
+      };
+      for (const d of ['upper', 'work']) await mkdir(path.join(layout.bundleDir(id), d), { recursive: true });
+      await writeJsonAtomic(layout.bundleRecord(id), record);
+      await mkdir(path.join(bundle, 'rootfs'), { recursive: true });
+
+      daemon = await start(dir, 'overlay', workDir);
+      await daemon.client.pullImage(ref, bundle, { deadlineMs: PULL_DEADLINE_MS });
+      expect(await bundleDiff(bundle, 'c', tree)).toEqual([]);
+      expect(existsSync(layout.bundleRecord(id))).toBe(false);
+    } finally {
+      await stop(daemon);
+    }
+  }, 60_000);
 
   describe('copy mode', () => {
     /** Staging directories found in each bundle once it was pulled again (stage.ts: `.guestpull-staging-<owner>-<hex>`). */

@@ -1,5 +1,6 @@
 /**
- * The layer worker pool (src/pull/layers/workers.ts) with real worker threads: the compiled pool
+ * The layer worker pool (src/pull/layers/workers.ts) with real worker threads, through applyLayer
+ * with the slot's inflater (the worker inflates and hashes; the tar stream is applied here): the compiled pool
  * in dist/ is used (under the test runner the sources are TypeScript, where the pool runs
  * in-thread), so `npm run build` must have run. Results and errors must be what applyLayer gives
  * in-process: the tree, the counts, the error codes and messages, aborts, a dead worker.
@@ -22,6 +23,13 @@ const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../
 const compiled = path.join(repoRoot, 'dist/pull/layers/workers.js');
 
 type PoolCtor = new (size?: number) => LayerWorkersType;
+type ApplyFn = (opts: ApplyLayerOptions) => Promise<ApplyLayerResult>;
+/** The compiled applyLayer, given the slot's worker inflater. */
+let applyLayer: ApplyFn;
+const applyIn = (s: LayerSlot, o: ApplyLayerOptions): Promise<ApplyLayerResult> => {
+  if (!s.inflate) throw new Error('the slot has no worker');
+  return applyLayer({ ...o, inflate: s.inflate });
+};
 type ErrorCtor = new (code: string, message: string) => GuestpullErrorType;
 let LayerWorkers: PoolCtor;
 /** The compiled GuestpullError: the pool recognises its own class, as in production. */
@@ -33,6 +41,7 @@ let root: string;
 beforeAll(async () => {
   if (!existsSync(compiled)) throw new Error(`${compiled} is missing: run npm run build first`);
   ({ LayerWorkers } = (await import(compiled)) as { LayerWorkers: PoolCtor });
+  ({ applyLayer } = (await import(path.join(repoRoot, 'dist/pull/layers/index.js'))) as { applyLayer: ApplyFn });
   ({ GuestpullError } = (await import(path.join(repoRoot, 'dist/errors.js'))) as { GuestpullError: ErrorCtor });
 });
 beforeEach(() => {
@@ -111,7 +120,7 @@ describe('LayerWorkers', () => {
       { name: 'etc/.wh.gone' },
     ]);
     const blob = zlib.gzipSync(t);
-    const r: ApplyLayerResult = await withSlot((s) => s.apply(options(Readable.from([blob]), t, blob)));
+    const r: ApplyLayerResult = await withSlot((s) => applyIn(s, options(Readable.from([blob]), t, blob)));
     expect(r.entries).toBe(5);
     expect(r.uncompressedBytes).toBe(t.length);
     expect(fs.readFileSync(path.join(root, 'etc/hostname'), 'utf8')).toBe('worker\n');
@@ -123,7 +132,7 @@ describe('LayerWorkers', () => {
     const t = await packTar([{ name: 'a', content: 'x' }]);
     const blob = zlib.gzipSync(t);
     const wrong = `sha256:${'0'.repeat(64)}`;
-    const err = await withSlot((s) => s.apply(options(Readable.from([blob]), t, blob, { diffId: wrong }))).catch((e: unknown) => e);
+    const err = await withSlot((s) => applyIn(s, options(Readable.from([blob]), t, blob, { diffId: wrong }))).catch((e: unknown) => e);
     expect((err as Error).name).toBe('GuestpullError');
     expect((err as GuestpullErrorType).code).toBe('DIGEST_MISMATCH');
     expect((err as GuestpullErrorType).message).toContain(wrong);
@@ -133,7 +142,7 @@ describe('LayerWorkers', () => {
     const t = await bigTar(40, 64 * 1024);
     const blob = zlib.gzipSync(t, { level: 1 });
     expect(blob.length).toBeGreaterThan(1024 * 1024);
-    const err = await withSlot((s) => s.apply(options(slowSource(blob, 16 * 1024, 1, Math.floor(blob.length / 3)), t, blob))).catch((e: unknown) => e);
+    const err = await withSlot((s) => applyIn(s, options(slowSource(blob, 16 * 1024, 1, Math.floor(blob.length / 3)), t, blob))).catch((e: unknown) => e);
     expect((err as GuestpullErrorType).code).toBe('UNAVAILABLE');
     expect((err as GuestpullErrorType).message).toBe('connection reset by 127.0.0.1:9 (test)');
   });
@@ -144,13 +153,13 @@ describe('LayerWorkers', () => {
     const ac = new AbortController();
     setTimeout(() => ac.abort(new GuestpullError('DEADLINE_EXCEEDED', 'deadline of 50 ms passed (test)')), 50);
     const t0 = Date.now();
-    const err = await withSlot((s) => s.apply(options(slowSource(blob, 16 * 1024, 5), t, blob, { signal: ac.signal }))).catch((e: unknown) => e);
+    const err = await withSlot((s) => applyIn(s, options(slowSource(blob, 16 * 1024, 5), t, blob, { signal: ac.signal }))).catch((e: unknown) => e);
     expect(Date.now() - t0).toBeLessThan(1000);
     expect((err as GuestpullErrorType).code).toBe('CANCELLED');
     // the same pool still works
     const small = await packTar([{ name: 'after', content: 'ok' }]);
     const sb = zlib.gzipSync(small);
-    await withSlot((s) => s.apply(options(Readable.from([sb]), small, sb)));
+    await withSlot((s) => applyIn(s, options(Readable.from([sb]), small, sb)));
     expect(fs.readFileSync(path.join(root, 'after'), 'utf8')).toBe('ok');
   });
 
@@ -176,18 +185,18 @@ describe('LayerWorkers', () => {
     const t = await bigTar(200, 64 * 1024);
     const blob = zlib.gzipSync(t, { level: 1 });
     const slot = await pool.acquire();
-    const running = slot.apply(options(slowSource(blob, 16 * 1024, 5), t, blob)).catch((e: unknown) => e);
+    const running = applyIn(slot, options(slowSource(blob, 16 * 1024, 5), t, blob)).catch((e: unknown) => e);
     await new Promise((r) => setTimeout(r, 100));
     // Kill every worker the pool has (the test reaches into the pool: there is one busy worker).
     const internals = pool as unknown as { all: Set<{ worker: { terminate(): Promise<number> } }> };
     for (const w of internals.all) await w.worker.terminate();
     const err = (await running) as GuestpullErrorType;
     expect(err.code).toBe('INTERNAL');
-    expect(err.message).toMatch(/worker unpacking layer sha256:ab.* stopped/);
+    expect(err.message).toMatch(/worker inflating layer sha256:ab.* stopped/);
     slot.release();
     const small = await packTar([{ name: 'again', content: 'ok' }]);
     const sb = zlib.gzipSync(small);
-    await withSlot((s) => s.apply(options(Readable.from([sb]), small, sb)));
+    await withSlot((s) => applyIn(s, options(Readable.from([sb]), small, sb)));
     expect(fs.readFileSync(path.join(root, 'again'), 'utf8')).toBe('ok');
   });
 });

@@ -5,24 +5,26 @@
  *          → TarFeeder (tar-stream, framing checks) → LayerApplier (whiteouts, links, owners,
  *            xattrs, devices; see ./apply.ts for the layer semantics)
  *
+ * The first line (./inflate.ts) runs in a layer worker during a pull (`inflate`, ./workers.ts):
+ * inflation, hashing and the tar applier's file system calls then run on two cores, not one.
+ *
  * The diff_id is checked over every decompressed byte once the stream has ended; the entries
  * have been written by then, so on any failure the caller discards the whole staging rootfs.
  * Bounds come from `limits` (src/config's Config.image.limits has the same field names; each
  * message names the cdh.toml key that raises the bound).
  */
 import path from 'node:path';
-import type { Readable, TransformOptions } from 'node:stream';
+import type { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
-import zlib from 'node:zlib';
 import { asGuestpullError, ErrorCode, GuestpullError } from '../../errors.js';
 import { layerCompression, parseDigest } from '../../oci.js';
 import { LayerApplier } from './apply.js';
 import { DEFAULT_LAYER_LIMITS, type LayerContext, type LayerLimits } from './entry.js';
-import { HashCounter } from './hash.js';
+import { inflateInto, type InflateResult, type InflateTask } from './inflate.js';
 import { TarFeeder } from './tarfeed.js';
-import { zstdDecompress } from './zstd.js';
 
 export { DEFAULT_LAYER_LIMITS, LIMIT_KEYS, type LayerLimits } from './entry.js';
+export type { InflateResult, InflateTask } from './inflate.js';
 
 /** The one logging call a layer makes (a pino Logger, or a worker's forwarder). */
 export interface LayerLog {
@@ -44,7 +46,15 @@ export interface ApplyLayerOptions {
   logger: LayerLog;
   signal?: AbortSignal;
   limits?: Partial<LayerLimits>;
+  /**
+   * Where decompression and the diff_id hash run: by default in this thread; a pull passes a
+   * layer worker's (./workers.ts), which returns the tar stream to be applied here.
+   */
+  inflate?: Inflater;
 }
+
+/** Runs ./inflate.ts somewhere else: the tar stream comes back as `output`, the digest as `result`. */
+export type Inflater = (source: Readable, task: InflateTask, signal?: AbortSignal) => { output: Readable; result: Promise<InflateResult> };
 
 export interface ApplyLayerResult {
   entries: number;
@@ -55,7 +65,7 @@ export interface ApplyLayerResult {
   ms: number;
 }
 
-const GUNZIP_CHUNK = 256 * 1024;
+/** In-thread: decompressed bytes gunzip may hold ahead of the (busy) tar applier. */
 const GUNZIP_READ_AHEAD = 4 * 1024 * 1024;
 
 export async function applyLayer(opts: ApplyLayerOptions): Promise<ApplyLayerResult> {
@@ -93,28 +103,17 @@ export async function applyLayer(opts: ApplyLayerOptions): Promise<ApplyLayerRes
     const ge = asGuestpullError(e);
     throw new GuestpullError(ge.code, `cannot unpack layer ${opts.layerDigest} of ${opts.image} into ${opts.rootfs}: ${ge.message}`, context, { cause: e });
   }
-  const hasher = new HashCounter(expected.algorithm, opts.compressedSize, limits, ctx, compression !== 'none');
   const feeder = new TarFeeder(ctx, (header, body) => applier.apply(header, body), limits);
+  const task: InflateTask = { compression, algorithm: expected.algorithm, compressedSize: opts.compressedSize, limits, ctx };
 
-  let sourceError: unknown = null;
-  let gunzipError: unknown = null;
-  opts.source.once('error', (e) => {
-    sourceError ??= e;
-  });
-  const pipelineOpts = opts.signal ? { signal: opts.signal } : {};
+  let inflated: InflateResult;
   try {
-    if (compression === 'gzip') {
-      // A deep readable buffer lets inflation (thread pool) run ahead of hashing and writing (main thread).
-      const gunzipOpts: zlib.ZlibOptions & TransformOptions = { chunkSize: GUNZIP_CHUNK, readableHighWaterMark: GUNZIP_READ_AHEAD };
-      const gunzip = zlib.createGunzip(gunzipOpts);
-      gunzip.once('error', (e) => {
-        gunzipError ??= e;
-      });
-      await pipeline(opts.source, gunzip, hasher, feeder, pipelineOpts);
-    } else if (compression === 'zstd') {
-      await pipeline(opts.source, zstdDecompress(ctx), hasher, feeder, pipelineOpts);
+    if (opts.inflate) {
+      const remote = opts.inflate(opts.source, task, opts.signal);
+      await pipeline(remote.output, feeder, opts.signal ? { signal: opts.signal } : {});
+      inflated = await remote.result;
     } else {
-      await pipeline(opts.source, hasher, feeder, pipelineOpts);
+      inflated = await inflateInto(opts.source, feeder, task, GUNZIP_READ_AHEAD, opts.signal);
     }
   } catch (e) {
     await feeder.settled();
@@ -122,29 +121,16 @@ export async function applyLayer(opts: ApplyLayerOptions): Promise<ApplyLayerRes
       throw new GuestpullError(ErrorCode.CANCELLED, `unpacking layer ${opts.layerDigest} of ${opts.image} was cancelled`, context, { cause: e });
     }
     if (e instanceof GuestpullError) throw e;
-    if (e === gunzipError) {
-      throw new GuestpullError(
-        ErrorCode.BAD_IMAGE,
-        `layer ${opts.layerDigest} of ${opts.image} is not valid gzip: ${(e as Error).message}`,
-        context,
-        { cause: e },
-      );
-    }
-    if (e === sourceError) {
-      const ge = asGuestpullError(e, ErrorCode.UNAVAILABLE);
-      throw new GuestpullError(ge.code, `downloading layer ${opts.layerDigest} of ${opts.image} failed: ${ge.message}`, { ...context, ...ge.context }, { cause: e });
-    }
     const ge = asGuestpullError(e);
     throw new GuestpullError(ge.code, `unpacking layer ${opts.layerDigest} of ${opts.image} failed: ${ge.message}`, { ...context, ...ge.context }, { cause: e });
   }
   await feeder.settled();
 
-  const actual = hasher.digestHex();
-  if (actual !== expected.hex) {
+  if (inflated.hex !== expected.hex) {
     throw new GuestpullError(
       ErrorCode.DIGEST_MISMATCH,
-      `layer ${opts.layerDigest} of ${opts.image}: the uncompressed content has digest ${expected.algorithm}:${actual}, but the image config's diff_id is ${opts.diffId}; the layer or the config is corrupt or was tampered with`,
-      { ...context, expected: opts.diffId, actual: `${expected.algorithm}:${actual}` },
+      `layer ${opts.layerDigest} of ${opts.image}: the uncompressed content has digest ${expected.algorithm}:${inflated.hex}, but the image config's diff_id is ${opts.diffId}; the layer or the config is corrupt or was tampered with`,
+      { ...context, expected: opts.diffId, actual: `${expected.algorithm}:${inflated.hex}` },
     );
   }
   await applier.finish();
@@ -157,8 +143,8 @@ export async function applyLayer(opts: ApplyLayerOptions): Promise<ApplyLayerRes
     );
   }
   opts.logger.debug(
-    { image: opts.image, layer: opts.layerDigest, entries: applier.entries, bytes: hasher.bytes, xattrs: applier.xattrs, ms },
+    { image: opts.image, layer: opts.layerDigest, entries: applier.entries, bytes: inflated.bytes, xattrs: applier.xattrs, ms },
     'layer unpacked',
   );
-  return { entries: applier.entries, uncompressedBytes: hasher.bytes, xattrs: applier.xattrs, ignoredXattrs: applier.ignoredXattrs, ms };
+  return { entries: applier.entries, uncompressedBytes: inflated.bytes, xattrs: applier.xattrs, ignoredXattrs: applier.ignoredXattrs, ms };
 }

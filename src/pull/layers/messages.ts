@@ -1,10 +1,11 @@
 /**
  * The messages between the layer worker pool (./workers.ts, main thread) and a layer worker
- * (./worker.ts), and how a GuestpullError crosses the thread boundary (code, message and a
- * JSON-safe copy of its context; the cause stays behind).
+ * (./worker.ts): compressed bytes in, the tar stream out, each direction credit-windowed; and how
+ * a GuestpullError crosses the thread boundary (code, message and a JSON-safe copy of its context;
+ * the cause stays behind).
  */
 import { asGuestpullError, ErrorCode, GuestpullError, type ErrorContext } from '../../errors.js';
-import type { LayerLimits } from './entry.js';
+import type { InflateResult, InflateTask } from './inflate.js';
 
 export interface SerializedError {
   code: ErrorCode;
@@ -12,39 +13,26 @@ export interface SerializedError {
   context: ErrorContext;
 }
 
-/** What a worker needs of ApplyLayerOptions: everything but the source stream, logger and signal. */
-export interface LayerTask {
-  mediaType: string;
-  compressedSize: number;
-  diffId: string;
-  layerDigest: string;
-  rootfs: string;
-  image: string;
-  limits?: Partial<LayerLimits>;
-}
-
-export interface TaskResult {
-  entries: number;
-  uncompressedBytes: number;
-  xattrs: number;
-  ignoredXattrs: number;
-  ms: number;
-}
-
-/** main → worker */
-export type ToWorker =
-  | { t: 'start'; task: LayerTask }
+/**
+ * main → worker. `credit`: output bytes the main thread has taken. Every message names its task:
+ * messages of a task that has ended (late credits, data of an aborted task) are dropped.
+ */
+export type ToWorker = { id: number } & (
+  | { t: 'start'; task: InflateTask }
   | { t: 'data'; buf: ArrayBuffer }
   | { t: 'end' }
   | { t: 'error'; err: SerializedError }
-  | { t: 'abort'; err: SerializedError };
-
-/** worker → main */
-export type FromWorker =
+  | { t: 'abort'; err: SerializedError }
   | { t: 'credit'; bytes: number }
-  | { t: 'log'; fields: Record<string, unknown>; msg: string }
-  | { t: 'done'; result: TaskResult }
-  | { t: 'fail'; err: SerializedError };
+);
+
+/** worker → main. `credit`: input bytes the worker has taken; `data`: decompressed tar bytes. */
+export type FromWorker = { id: number } & (
+  | { t: 'credit'; bytes: number }
+  | { t: 'data'; buf: ArrayBuffer }
+  | { t: 'done'; result: InflateResult }
+  | { t: 'fail'; err: SerializedError }
+);
 
 function jsonSafe(context: ErrorContext): ErrorContext {
   try {

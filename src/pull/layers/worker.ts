@@ -1,21 +1,28 @@
 /**
- * A layer worker thread: runs `applyLayer` (decompress, hash, parse, write: everything but the
- * download) for one layer at a time, so that the CPU work of several layers and images spreads
- * over the guest's cores while the main thread only serves RPCs and downloads.
+ * A layer worker thread: inflates one layer at a time and hashes it (./inflate.ts: gunzip or zstd,
+ * the diff_id digest, the size and ratio bounds), and sends the tar stream back to the thread that
+ * applies it.
  *
- * The compressed bytes arrive as transferred ArrayBuffers; every chunk handed to the pipeline is
- * credited back to the main thread, which keeps at most a small window in flight (backpressure
- * across the thread boundary). The main thread verifies the blob digest and reports a failure as
- * an `error` message, which fails the source stream here exactly as a failed download does
- * in-process.
+ * Why the split is here: Node's gunzip runs on the thread pool but needs its JavaScript thread for
+ * every output chunk. In one thread with the tar applier (thousands of synchronous file system
+ * calls) inflation waits whenever the applier is busy, and the two never use two cores. Here the
+ * JavaScript thread does little but hash and hand chunks on, so inflation never waits for it.
+ *
+ * Both directions are credit-windowed: compressed input is credited back as the pipeline takes it,
+ * and output stops when WINDOW bytes are unacknowledged by the main thread.
  */
-import { Readable } from 'node:stream';
+import { Readable, Writable } from 'node:stream';
 import { parentPort } from 'node:worker_threads';
 import { ErrorCode, GuestpullError } from '../../errors.js';
-import { applyLayer } from './index.js';
+import { inflateInto } from './inflate.js';
 import { deserializeError, serializeError, type FromWorker, type ToWorker } from './messages.js';
 
-/** The source stream of one task, fed by `data` messages. */
+/** Tar bytes sent to the main thread and not yet taken by its applier. */
+const WINDOW = 4 * 1024 * 1024;
+/** Decompressed bytes gunzip may hold ahead of the sink. */
+const READ_AHEAD = 1024 * 1024;
+
+/** The compressed input of one task, fed by `data` messages. */
 class PortSource extends Readable {
   private owed = 0;
   constructor(private readonly credit: (bytes: number) => void) {
@@ -33,33 +40,57 @@ class PortSource extends Readable {
   }
 }
 
+/** The tar stream out: every chunk copied into its own buffer and transferred. */
+class PortSink extends Writable {
+  private unacked = 0;
+  private blocked: (() => void) | undefined;
+  constructor(private readonly send: (buf: ArrayBuffer) => void) {
+    super({ highWaterMark: 0 });
+  }
+  override _write(chunk: Buffer, _enc: BufferEncoding, cb: (e?: Error | null) => void): void {
+    const ab = new ArrayBuffer(chunk.byteLength);
+    new Uint8Array(ab).set(chunk);
+    this.unacked += ab.byteLength;
+    this.send(ab);
+    if (this.unacked < WINDOW) cb();
+    else this.blocked = () => cb();
+  }
+  credit(bytes: number): void {
+    this.unacked -= bytes;
+    if (this.blocked && this.unacked < WINDOW) {
+      const f = this.blocked;
+      this.blocked = undefined;
+      f();
+    }
+  }
+}
+
 const port = parentPort;
 if (!port) throw new Error('src/pull/layers/worker.ts runs only as a worker thread');
-const post = (m: FromWorker): void => port.postMessage(m);
+const post = (m: FromWorker, transfer: ArrayBuffer[] = []): void => port.postMessage(m, transfer);
 
-let current: { source: PortSource; controller: AbortController } | undefined;
+let current: { id: number; source: PortSource; sink: PortSink; controller: AbortController } | undefined;
 
 port.on('message', (m: ToWorker) => {
+  if (m.t !== 'start' && m.id !== current?.id) return; // a task that has ended
   switch (m.t) {
     case 'start': {
+      const { id } = m;
       const controller = new AbortController();
-      const source = new PortSource((bytes) => post({ t: 'credit', bytes }));
-      current = { source, controller };
-      const { task } = m;
-      applyLayer({
-        ...task,
-        source,
-        signal: controller.signal,
-        logger: { debug: (fields: Record<string, unknown>, msg: string) => post({ t: 'log', fields, msg }) },
-      }).then(
+      const source = new PortSource((bytes) => post({ id, t: 'credit', bytes }));
+      const sink = new PortSink((buf) => post({ id, t: 'data', buf }, [buf]));
+      const task = { id, source, sink, controller };
+      current = task;
+      inflateInto(source, sink, m.task, READ_AHEAD, controller.signal).then(
         (result) => {
-          current = undefined;
-          post({ t: 'done', result });
+          if (current === task) current = undefined;
+          post({ id, t: 'done', result });
         },
         (e: unknown) => {
-          current = undefined;
+          if (current === task) current = undefined;
           source.destroy();
-          post({ t: 'fail', err: serializeError(e) });
+          const reason: unknown = controller.signal.aborted ? controller.signal.reason : e;
+          post({ id, t: 'fail', err: serializeError(reason) });
         },
       );
       break;
@@ -70,6 +101,9 @@ port.on('message', (m: ToWorker) => {
     case 'end':
       current?.source.push(null);
       break;
+    case 'credit':
+      current?.sink.credit(m.bytes);
+      break;
     case 'error':
       current?.source.destroy(deserializeError(m.err));
       break;
@@ -78,7 +112,7 @@ port.on('message', (m: ToWorker) => {
       break;
     default: {
       const never: never = m;
-      post({ t: 'fail', err: serializeError(new GuestpullError(ErrorCode.INTERNAL, `layer worker got an unknown message ${JSON.stringify(never)}`)) });
+      post({ id: -1, t: 'fail', err: serializeError(new GuestpullError(ErrorCode.INTERNAL, `layer worker got an unknown message ${JSON.stringify(never)}`)) });
     }
   }
 });

@@ -1,30 +1,37 @@
 /**
- * The layer worker pool: `applyLayer` run in worker threads (./worker.ts), a few at a time.
+ * The layer worker pool: inflation and the diff_id hash of each layer (./inflate.ts) run in a
+ * worker thread (./worker.ts), while the calling thread downloads, verifies the blob digest and
+ * applies the tar stream the worker sends back.
  *
- * Unpacking is CPU work (inflate, two hash passes, tar parsing, thousands of file system calls);
- * in one thread, four images pulled at once would queue behind each other on the main thread
- * and leave the guest's other cores idle. With the pool, the main thread downloads and verifies
- * blob digests and serves RPCs; each layer is applied in a worker.
+ * Why: Node's gunzip needs its JavaScript thread for every output chunk; sharing that thread with
+ * the tar applier's synchronous file system calls stalls inflation whenever the applier is busy.
+ * Split, inflation runs flat out on one core and the applier on another.
  *
  * - `acquire()` waits for a free worker before the caller opens the blob download, so a queued
  *   layer never holds an idle HTTP response open (the registry or proxy would time it out).
- * - The compressed bytes are copied into transferable buffers and sent with a credit window of
- *   WINDOW bytes: memory in flight per layer is bounded, and a slow disk slows the download.
- * - Abort (deadline, cancel, shutdown) is sent to the worker, which stops its pipeline; the caller
- *   sees the same errors it would in-process. A worker that dies fails its task (INTERNAL) and is
- *   replaced by the next acquire.
+ * - Both directions are credit-windowed (WINDOW bytes of compressed input in flight; the worker
+ *   holds its own window of output): memory per layer is bounded, and a slow disk slows the
+ *   download.
+ * - Abort (deadline, cancel, shutdown, or the applier failing) stops the worker's task; errors
+ *   arrive as the GuestpullErrors the in-thread path would throw. A worker that dies fails its
+ *   task (INTERNAL) and is replaced by the next acquire.
  * - Idle workers are unref'd, so a one-shot `guestpull pull` exits when it is done; `close()`
  *   terminates them.
- * - Where no compiled worker script exists (the TypeScript sources run by the test runner), the
- *   pool applies layers in the calling thread: same code, same results, no parallelism.
+ * - Where no compiled worker script exists (the TypeScript sources run by the test runner), a
+ *   slot has no `inflate` and applyLayer inflates in the calling thread: same code, same results.
  */
 import { existsSync } from 'node:fs';
 import os from 'node:os';
 import { fileURLToPath } from 'node:url';
 import { Worker } from 'node:worker_threads';
 import { ErrorCode, GuestpullError } from '../../errors.js';
-import { applyLayer, type ApplyLayerOptions, type ApplyLayerResult } from './index.js';
+import { Readable } from 'node:stream';
+import type { InflateResult, InflateTask } from './inflate.js';
+import type { Inflater } from './index.js';
 import { deserializeError, serializeError, type FromWorker, type ToWorker } from './messages.js';
+
+/** Young generation of a worker's heap, MiB (see WORKER_LIMITS). */
+const YOUNG_MB = 6;
 
 /** Compressed bytes sent to a worker and not yet taken by its pipeline. */
 const WINDOW = 2 * 1024 * 1024;
@@ -36,9 +43,18 @@ export function defaultWorkerCount(): number {
 
 const WORKER_URL = new URL('./worker.js', import.meta.url);
 
-/** A worker slot held by one layer; `apply` at most once, then `release`. */
+/**
+ * A worker's V8 heap. The young generation is what grows with the churn of stream chunks: V8's
+ * default (16 MiB semi-spaces) costs tens of MiB of RSS per worker for no speed this work can
+ * measure. The old generation holds the applier's path sets (a layer of a million entries needs a
+ * few hundred MiB), so it is only a ceiling.
+ */
+const WORKER_LIMITS = { maxYoungGenerationSizeMb: YOUNG_MB, maxOldGenerationSizeMb: 1024 };
+
+/** A worker slot held by one layer: pass `inflate` to applyLayer (at most once), then `release`. */
 export interface LayerSlot {
-  apply(opts: ApplyLayerOptions): Promise<ApplyLayerResult>;
+  /** Undefined when layers are inflated in the calling thread. */
+  inflate?: Inflater;
   release(): void;
 }
 
@@ -55,6 +71,7 @@ export class LayerWorkers {
   private readonly all = new Set<PoolWorker>();
   private readonly waiting: { resolve: (w: PoolWorker | undefined) => void; reject: (e: unknown) => void }[] = [];
   private busy = 0;
+  private taskIds = 0;
   private closed = false;
   readonly inThread: boolean;
 
@@ -66,7 +83,7 @@ export class LayerWorkers {
   async acquire(signal?: AbortSignal): Promise<LayerSlot> {
     signal?.throwIfAborted();
     if (this.closed) throw new GuestpullError(ErrorCode.UNAVAILABLE, 'guestpull is shutting down: no layer is unpacked any more');
-    if (this.inThread) return { apply: (o) => applyLayer(o), release: () => undefined };
+    if (this.inThread) return { release: () => undefined };
     let w: PoolWorker | undefined;
     if (this.busy < this.size) {
       this.busy++;
@@ -91,7 +108,7 @@ export class LayerWorkers {
     const worker = w && !w.dead ? w : this.spawn();
     let released = false;
     return {
-      apply: (opts) => this.run(worker, opts),
+      inflate: (source, task, sig) => this.run(worker, source, task, sig),
       release: () => {
         if (released) return;
         released = true;
@@ -110,7 +127,7 @@ export class LayerWorkers {
   }
 
   private spawn(): PoolWorker {
-    const worker = new Worker(WORKER_URL);
+    const worker = new Worker(WORKER_URL, { resourceLimits: WORKER_LIMITS });
     const pw: PoolWorker = { worker, dead: false };
     worker.on('message', (m: FromWorker) => pw.onMessage?.(m));
     worker.on('error', (e) => {
@@ -140,82 +157,107 @@ export class LayerWorkers {
     this.idle.push(w);
   }
 
-  /** One layer in worker `w`: pump the source in, wait for the outcome. */
-  private run(w: PoolWorker, opts: ApplyLayerOptions): Promise<ApplyLayerResult> {
-    const { source, signal, logger } = opts;
+  /** One layer's inflation in worker `w`: pump the source in, hand the tar stream out. */
+  private run(w: PoolWorker, source: Readable, task: InflateTask, signal?: AbortSignal): { output: Readable; result: Promise<InflateResult> } {
+    const id = ++this.taskIds;
     const send = (m: ToWorker, transfer: ArrayBuffer[] = []): void => w.worker.postMessage(m, transfer);
+    const { ctx } = task;
     w.worker.ref();
-    return new Promise<ApplyLayerResult>((resolve, reject) => {
-      let inFlight = 0;
-      let wake: (() => void) | undefined;
-      let settled = false;
-      const finish = (err: unknown, result?: ApplyLayerResult): void => {
-        if (settled) return;
-        settled = true;
-        signal?.removeEventListener('abort', onAbort);
-        wake?.();
-        if (err !== undefined) {
-          source.destroy();
-          reject(err);
-        } else resolve(result!);
-      };
-      const onAbort = (): void => send({ t: 'abort', err: serializeError(signal?.reason) });
-      w.onMessage = (m) => {
-        switch (m.t) {
-          case 'credit':
-            inFlight -= m.bytes;
-            if (inFlight < WINDOW && wake) {
-              const f = wake;
-              wake = undefined;
-              f();
-            }
-            break;
-          case 'log':
-            logger.debug(m.fields, m.msg);
-            break;
-          case 'done':
-            finish(undefined, m.result);
-            break;
-          case 'fail':
-            finish(deserializeError(m.err));
-            break;
-        }
-      };
-      w.onExit = (why) =>
-        finish(new GuestpullError(ErrorCode.INTERNAL, `the worker unpacking layer ${opts.layerDigest} of ${opts.image} stopped: ${why}`, { image: opts.image, layer: opts.layerDigest }));
-      if (w.dead) {
-        w.onExit('it had already stopped');
-        return;
-      }
-      signal?.addEventListener('abort', onAbort, { once: true });
-      send({
-        t: 'start',
-        task: {
-          mediaType: opts.mediaType,
-          compressedSize: opts.compressedSize,
-          diffId: opts.diffId,
-          layerDigest: opts.layerDigest,
-          rootfs: opts.rootfs,
-          image: opts.image,
-          ...(opts.limits ? { limits: opts.limits } : {}),
-        },
-      });
-      if (signal?.aborted) onAbort();
-      void (async () => {
-        try {
-          for await (const chunk of source) {
-            if (settled) return;
-            const b = chunk as Buffer;
-            const buf = b.buffer.slice(b.byteOffset, b.byteOffset + b.byteLength) as ArrayBuffer;
-            inFlight += b.byteLength;
-            send({ t: 'data', buf }, [buf]);
-            if (inFlight >= WINDOW) await new Promise<void>((r) => (wake = r));
-          }
-          if (!settled) send({ t: 'end' });
-        } catch (e) {
-          if (!settled) send({ t: 'error', err: serializeError(e) });
-        }
-      })();
+    let inFlight = 0;
+    let wake: (() => void) | undefined;
+    let settled = false;
+    let owed = 0;
+    let resolveResult!: (r: InflateResult) => void;
+    let rejectResult!: (e: unknown) => void;
+    const result = new Promise<InflateResult>((res, rej) => {
+      resolveResult = res;
+      rejectResult = rej;
     });
+    result.catch(() => undefined);
+
+    const output = new Readable({
+      highWaterMark: 1024 * 1024,
+      read: () => {
+        if (owed > 0) {
+          send({ id, t: 'credit', bytes: owed });
+          owed = 0;
+        }
+      },
+      destroy: (err, cb) => {
+        // The applier stopped (failed or aborted) before the worker finished: stop the worker.
+        if (!settled) finish(err ?? new GuestpullError(ErrorCode.CANCELLED, `unpacking layer ${ctx.layer} of ${ctx.image} stopped`, { ...ctx }), true);
+        cb(err);
+      },
+    });
+
+    const finish = (err: unknown, tellWorker: boolean): void => {
+      if (settled) return;
+      settled = true;
+      signal?.removeEventListener('abort', onAbort);
+      w.onMessage = undefined;
+      w.onExit = undefined;
+      wake?.();
+      if (err === undefined) return;
+      if (tellWorker && !w.dead) send({ id, t: 'abort', err: serializeError(err) });
+      source.destroy();
+      rejectResult(err);
+      if (!output.destroyed) output.destroy(err instanceof Error ? err : new Error(String(err)));
+    };
+    const onAbort = (): void => finish(signal?.reason, true);
+
+    w.onMessage = (m) => {
+      if (m.id !== id) return;
+      switch (m.t) {
+        case 'credit':
+          inFlight -= m.bytes;
+          if (inFlight < WINDOW && wake) {
+            const f = wake;
+            wake = undefined;
+            f();
+          }
+          break;
+        case 'data': {
+          const buf = Buffer.from(m.buf);
+          if (output.push(buf)) send({ id, t: 'credit', bytes: buf.length });
+          else owed += buf.length;
+          break;
+        }
+        case 'done':
+          finish(undefined, false);
+          resolveResult(m.result);
+          output.push(null);
+          break;
+        case 'fail':
+          finish(deserializeError(m.err), false);
+          break;
+      }
+    };
+    w.onExit = (why) =>
+      finish(new GuestpullError(ErrorCode.INTERNAL, `the worker inflating layer ${ctx.layer} of ${ctx.image} stopped: ${why}`, { ...ctx }), false);
+
+    if (w.dead) {
+      w.onExit('it had already stopped');
+      return { output, result };
+    }
+    signal?.addEventListener('abort', onAbort, { once: true });
+    send({ id, t: 'start', task });
+    if (signal?.aborted) onAbort();
+    void (async () => {
+      try {
+        for await (const chunk of source) {
+          if (settled) return;
+          const b = chunk as Buffer;
+          const buf = b.buffer.slice(b.byteOffset, b.byteOffset + b.byteLength) as ArrayBuffer;
+          inFlight += b.byteLength;
+          send({ id, t: 'data', buf }, [buf]);
+          if (inFlight >= WINDOW) await new Promise<void>((r) => (wake = r));
+        }
+        if (!settled) send({ id, t: 'end' });
+      } catch (e) {
+        // A failed download: the worker's pipeline fails with it and reports it back.
+        if (!settled) send({ id, t: 'error', err: serializeError(e) });
+      }
+    })();
+    return { output, result };
   }
 }

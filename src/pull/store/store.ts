@@ -409,6 +409,6 @@ export class Store {
 
 function cleaned(r: GcReport): Record<string, number> {
   const out: Record<string, number> = {};
-  for (const k of ['staging', 'incompleteLayers', 'deadBundles', 'strays'] as const) if (r[k] > 0) out[k] = r[k];
+  for (const k of ['staging', 'incompleteLayers', 'deadBundles', 'strays', 'emptyRootfs'] as const) if (r[k] > 0) out[k] = r[k];
   return out;
 }

@@ -1,0 +1,74 @@
+/**
+ * The first half of the layer pipeline: compressed blob → gunzip | zstd | nothing → HashCounter
+ * (diff_id digest, size and ratio bounds) → `sink`. Runs in the calling thread or, for a pull, in a
+ * layer worker (./worker.ts) whose sink sends the tar stream back to the thread that applies it.
+ *
+ * Errors come out classified: data that does not decompress is BAD_IMAGE naming the layer; a
+ * failed download is the downloader's own GuestpullError (or UNAVAILABLE naming the layer); the
+ * bounds are HashCounter's BAD_IMAGE; anything the sink throws is passed through untouched.
+ */
+import type { Readable, TransformOptions, Writable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import zlib from 'node:zlib';
+import { asGuestpullError, ErrorCode, GuestpullError } from '../../errors.js';
+import type { Compression } from '../../oci.js';
+import type { LayerContext, LayerLimits } from './entry.js';
+import { HashCounter } from './hash.js';
+import { zstdDecompress } from './zstd.js';
+
+export interface InflateTask {
+  compression: Compression;
+  /** Of the diff_id. */
+  algorithm: 'sha256' | 'sha512';
+  /** Descriptor size, for the ratio bound. */
+  compressedSize: number;
+  limits: LayerLimits;
+  ctx: LayerContext;
+}
+
+export interface InflateResult {
+  /** Hex digest of the uncompressed bytes. */
+  hex: string;
+  bytes: number;
+}
+
+const GUNZIP_CHUNK = 256 * 1024;
+
+/**
+ * `readAhead`: decompressed bytes gunzip may hold before the next stage takes them (lets inflation,
+ * which runs on the libuv thread pool, run ahead of a busy consumer).
+ */
+export async function inflateInto(source: Readable, sink: Writable, task: InflateTask, readAhead: number, signal?: AbortSignal): Promise<InflateResult> {
+  const { ctx } = task;
+  const hasher = new HashCounter(task.algorithm, task.compressedSize, task.limits, ctx, task.compression !== 'none');
+  let sourceError: unknown = null;
+  let gunzipError: unknown = null;
+  source.once('error', (e) => {
+    sourceError ??= e;
+  });
+  const opts = signal ? { signal } : {};
+  try {
+    if (task.compression === 'gzip') {
+      const gunzipOpts: zlib.ZlibOptions & TransformOptions = { chunkSize: GUNZIP_CHUNK, readableHighWaterMark: readAhead };
+      const gunzip = zlib.createGunzip(gunzipOpts);
+      gunzip.once('error', (e) => {
+        gunzipError ??= e;
+      });
+      await pipeline(source, gunzip, hasher, sink, opts);
+    } else if (task.compression === 'zstd') {
+      await pipeline(source, zstdDecompress(ctx), hasher, sink, opts);
+    } else {
+      await pipeline(source, hasher, sink, opts);
+    }
+  } catch (e) {
+    if (e === gunzipError && !(e instanceof GuestpullError)) {
+      throw new GuestpullError(ErrorCode.BAD_IMAGE, `layer ${ctx.layer} of ${ctx.image} is not valid gzip: ${(e as Error).message}`, { ...ctx }, { cause: e });
+    }
+    if (e === sourceError && !(e instanceof GuestpullError)) {
+      const ge = asGuestpullError(e, ErrorCode.UNAVAILABLE);
+      throw new GuestpullError(ge.code, `downloading layer ${ctx.layer} of ${ctx.image} failed: ${ge.message}`, { ...ctx, ...ge.context }, { cause: e });
+    }
+    throw e;
+  }
+  return { hex: hasher.digestHex(), bytes: hasher.bytes };
+}
