@@ -21,7 +21,7 @@
  * Everything a run writes (registry storage, work dirs, bundles, the peer's OCI layout) lives on a
  * tmpfs mounted for the run (`--tmpfs SIZE`, default 12g; `--tmpfs 0` for the file system of
  * `--tmp`): in a guest it is RAM too, and no disk writeback from one run slows the next. guestpull
- * runs as the installed command does (dist/cli.js through its shebang, which sets node's flags).
+ * runs as the installed command does (bin/guestpull, which gives node its flags).
  *
  * Images are generated once into a cache keyed by generator version and parameters
  * ($XDG_CACHE_HOME/guestpull-bench, else /var/tmp/guestpull-bench) and pushed to a fresh registry
@@ -144,8 +144,8 @@ function check(c: Collected, round: number, peer: TreeEntry[] | undefined, tree:
 }
 
 async function main(scope: Scope, opts: Options): Promise<number> {
-  const cli = path.join(repoRoot, 'dist', 'cli.js');
-  if (!existsSync(cli)) throw new Error(`${cli} is missing: run 'npm run build' first (npm run bench does)`);
+  const cli = path.join(repoRoot, 'bin', 'guestpull');
+  if (!existsSync(path.join(repoRoot, 'dist', 'cli.js'))) throw new Error(`dist/cli.js is missing: run 'npm run build' first (npm run bench does)`);
   for (const b of ['registry', 'skopeo', 'umoci', 'unshare', 'mount', 'setpriv'] as const) requireBinary(b);
   if (!existsSync('/usr/bin/time')) throw new Error('/usr/bin/time is missing: install the Debian package time');
 

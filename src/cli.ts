@@ -1,4 +1,4 @@
-#!/usr/bin/env -S node --max-semi-space-size=2
+#!/usr/bin/env node
 /** Entry point of the `guestpull` command (compiled to dist/cli.js); see src/cli/main.ts. */
 import { main } from './cli/main.js';
 

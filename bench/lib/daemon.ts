@@ -1,9 +1,9 @@
 /**
- * The daemon under test: `dist/cli.js serve`, run as the installed `guestpull` command is (its
- * shebang gives node its flags), on a free 127.0.0.1 port with its own work dir,
- * ready once grpc health says SERVING (start-up is not timed). Stopped with SIGTERM, then the
- * whole process group with SIGKILL after a grace period; the Scope kills it on Ctrl-C, and
- * setpriv --pdeathsig TERM (setpriv execs env, which execs node: the pid is the daemon's) if this process dies.
+ * The daemon under test: `bin/guestpull serve`, the installed command (it gives node its flags),
+ * on a free 127.0.0.1 port with its own work dir, ready once grpc health says SERVING (start-up is
+ * not timed). Stopped with SIGTERM, then the whole process group with SIGKILL after a grace
+ * period; the Scope kills it on Ctrl-C, and setpriv --pdeathsig TERM if this process dies
+ * (setpriv execs the sh launcher, which execs node: the pid is the daemon's).
  */
 import type { ChildProcess } from 'node:child_process';
 import { setTimeout as sleep } from 'node:timers/promises';

@@ -20,7 +20,7 @@ import type { Scope } from './scope.js';
 
 export interface BenchEnv {
   scope: Scope;
-  /** dist/cli.js */
+  /** bin/guestpull */
   cli: string;
   /** cdh.toml allowing the loopback registry over plain HTTP */
   cdhToml: string;

@@ -101,7 +101,7 @@ export class Puller {
     this.logger = opts.logger;
     this.pullWarnings = opts.pullWarnings ?? [];
     this.bundleRoots = resolveBundleRoots(opts.bundleRoots ?? []);
-    this.workers = new LayerWorkers(opts.config.image.unpackThreads ?? defaultWorkerCount());
+    this.workers = new LayerWorkers(opts.config.image.unpackThreads ?? defaultWorkerCount(), { mainFirst: true });
     this.inflight = new Coalescer<PullResult>({
       onJoin: (bundle, image, callers) => this.logger.info({ image, bundle, callers }, 'joining identical pull already in progress'),
       onAbandon: (bundle, image) => this.logger.info({ image, bundle }, 'every caller of this pull has gone: stopping it'),

@@ -189,6 +189,12 @@ describe('parseConfig: defaults', () => {
     expect(ignored).toEqual([]);
   });
 
+  it('unpack_threads: unset by default (the daemon picks cores - 1), 0 and numbers kept', () => {
+    expect(parseConfig('', 't').config.image.unpackThreads).toBeUndefined();
+    expect(parseConfig('[image]\nunpack_threads = 0\n', 't').config.image.unpackThreads).toBe(0);
+    expect(parseConfig('[image]\nunpack_threads = 3\n', 't').config.image.unpackThreads).toBe(3);
+  });
+
   it('an empty [image.image_pull_proxy] table means no proxy', () => {
     expect(parseConfig('[image.image_pull_proxy]\n', 't').config.image.imagePullProxy).toBeUndefined();
   });
@@ -233,6 +239,7 @@ describe('parseConfig: wrong types and values fail with the key path', () => {
     ['string for an integer', '[image]\nmax_concurrent_layer_downloads_per_image = "3"', /image\.max_concurrent_layer_downloads_per_image: expected a number, got a string \("3"\)/],
     ['zero downloads', '[image]\nmax_concurrent_layer_downloads_per_image = 0', /image\.max_concurrent_layer_downloads_per_image: .*>=1/],
     ['fractional downloads', '[image]\nmax_concurrent_layer_downloads_per_image = 2.5', /image\.max_concurrent_layer_downloads_per_image: expected an integer, got a float/],
+    ['negative unpack_threads', '[image]\nunpack_threads = -1', /image\.unpack_threads: .*>=0/],
     ['relative work_dir', '[image]\nwork_dir = "run/x"', /image\.work_dir: expected an absolute path/],
     ['integer work_dir', '[image]\nwork_dir = 5', /image\.work_dir: expected a string, got an integer/],
     ['certificates as a string', `[image]\nextra_root_certificates = "x"`, /image\.extra_root_certificates: expected an array, got a string/],

@@ -22,7 +22,7 @@ import { LAYER_DIGEST, listTree, packTar, sha256 } from './_layers-tar.js';
 const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 const compiled = path.join(repoRoot, 'dist/pull/layers/workers.js');
 
-type PoolCtor = new (size?: number) => LayerWorkersType;
+type PoolCtor = new (size?: number, opts?: { mainFirst?: boolean }) => LayerWorkersType;
 type ApplyFn = (opts: ApplyLayerOptions) => Promise<ApplyLayerResult>;
 /** The compiled applyLayer, given the slot's worker inflater. */
 let applyLayer: ApplyFn;
@@ -179,6 +179,37 @@ describe('LayerWorkers', () => {
     expect(third).toBeDefined();
     b.release();
     third!.release();
+  });
+
+  it('main first: the first slot is the calling thread (no inflate), the next ones workers', async () => {
+    const mf = new LayerWorkers(1, { mainFirst: true });
+    try {
+      const main = await mf.acquire();
+      expect(main.inflate).toBeUndefined();
+      const w = await mf.acquire();
+      expect(w.inflate).toBeDefined();
+      // both taken: a third waits, and gets the main slot when that is released
+      let third: LayerSlot | undefined;
+      const waiting = mf.acquire().then((s) => (third = s));
+      await new Promise((r) => setTimeout(r, 30));
+      expect(third).toBeUndefined();
+      main.release();
+      await waiting;
+      expect(third!.inflate).toBeUndefined();
+      // a layer through the worker slot still applies correctly
+      const t = await packTar([{ name: 'via-worker', content: 'w' }]);
+      const blob = zlib.gzipSync(t);
+      await applyIn(w, options(Readable.from([blob]), t, blob));
+      expect(fs.readFileSync(path.join(root, 'via-worker'), 'utf8')).toBe('w');
+      w.release();
+      third!.release();
+      // after every release the main slot is free again
+      const again = await mf.acquire();
+      expect(again.inflate).toBeUndefined();
+      again.release();
+    } finally {
+      await mf.close();
+    }
   });
 
   it('fails the task of a worker that dies (INTERNAL) and replaces it', async () => {
