@@ -50,6 +50,9 @@ function firstSignal(signals: NodeJS.Signals[]): Promise<NodeJS.Signals> {
 }
 
 /** Resolves with the exit code once the daemon has stopped after a signal. Throws GuestpullError. */
+/** How often a serving daemon collects the records of bundles the runtime has removed. */
+const SWEEP_EVERY_MS = 5 * 60_000;
+
 export async function runServe(args: ServeArgs, hooks: Partial<SettingsOptions> = {}): Promise<number> {
   const settings = await loadSettings(args, { logger: createLogger({ level: args.logLevel ?? 'info' }), ...hooks });
   const { config } = settings.loaded;
@@ -79,7 +82,13 @@ export async function runServe(args: ServeArgs, hooks: Partial<SettingsOptions> 
     'listening',
   );
 
+  // The runtime unmounts and removes bundles without telling us: their store records (and upper
+  // directories) are collected now and then, as `guestpull gc` would; layers stay (gc --drop-unused).
+  const sweeper = setInterval(() => void puller.sweep(), SWEEP_EVERY_MS);
+  sweeper.unref();
+
   const stopSignal = await firstSignal(['SIGTERM', 'SIGINT']);
+  clearInterval(sweeper);
   logger.info({ event: 'stopping', signal: stopSignal, graceMs: STOP_GRACE_MS }, 'stopping');
   // A second signal while stopping is swallowed: the stop is bounded by the grace period.
   const ignore = (): void => logger.warn({ event: 'signal_ignored' }, 'already stopping');

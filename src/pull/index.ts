@@ -27,7 +27,7 @@ import { buildRuntimeSpec } from './bundle/spec.js';
 import { RegistryClient, currentPlatform, resolveImage, type Credentials, type ResolvedImage } from './distribution/index.js';
 import type { Descriptor } from '../oci.js';
 import { Transport } from './distribution/transport/index.js';
-import { applyLayer, type ApplyLayerResult } from './layers/index.js';
+import { applyLayer, type ApplyLayerOptions, type ApplyLayerResult } from './layers/index.js';
 import { defaultWorkerCount, LayerWorkers } from './layers/workers.js';
 import { candidatesFor, type Candidate } from './registries/index.js';
 import { loadRegistryConfiguration } from './registries/load.js';
@@ -88,7 +88,7 @@ export class Puller {
   private readonly inflight: Coalescer<PullResult>;
   private readonly bundleRoots: string[];
   private store: Promise<Store> | undefined;
-  /** Layers are inflated in worker threads (./layers/workers.ts), a few at a time across all pulls. */
+  /** Where layers are unpacked: here, and in worker threads while this thread is busy (./layers/workers.ts). */
   private readonly workers: LayerWorkers;
   private readonly pullWarnings: string[];
   /** The registry configuration and credentials in force, loaded once here so bad ones fail at start. */
@@ -161,6 +161,22 @@ export class Puller {
     await this.transport.close();
     await this.workers.close();
     if (store) await store.then((s) => s.release(), () => undefined);
+  }
+
+  /**
+   * Garbage collection without dropping layers (what killed processes left, records of bundles
+   * that are no longer mounted), if the store is open; logged, never thrown.
+   */
+  async sweep(): Promise<void> {
+    const store = this.store;
+    if (!store) return;
+    try {
+      const r = await (await store).collectGarbage(false);
+      const removed = r.staging + r.incompleteLayers + r.deadBundles + r.strays;
+      if (removed > 0) this.logger.info({ event: 'sweep', deadBundles: r.deadBundles, staging: r.staging, incompleteLayers: r.incompleteLayers, strays: r.strays }, 'work dir swept');
+    } catch (e) {
+      this.logger.warn({ event: 'sweep', err: (e as Error).message }, 'sweeping the work dir failed');
+    }
   }
 
   /** The layer store of work_dir, opened (locked, cleaned) at the first pull. */
@@ -281,13 +297,13 @@ export class Puller {
 
   /** Download one layer and apply it (verified) onto `root`. */
   private async applyOne(client: RegistryClient, layer: Descriptor, index: number, diffId: string, root: string, image: string, log: Logger, signal?: AbortSignal): Promise<UnpackResult> {
-    // A worker first, then the download: a queued layer must not hold an idle response open.
+    // A slot first, then the download: a queued layer must not hold an idle response open.
     const slot = await this.workers.acquire(signal);
     const t0 = Date.now();
     let r: ApplyLayerResult;
     try {
       const source = await client.getBlob(layer, signal);
-      r = await applyLayer({
+      const opts: ApplyLayerOptions = {
         source,
         mediaType: layer.mediaType,
         compressedSize: layer.size,
@@ -297,9 +313,10 @@ export class Puller {
         image,
         logger: log,
         limits: this.config.image.limits,
-        ...(slot.inflate ? { inflate: slot.inflate } : {}),
         ...(signal ? { signal } : {}),
-      });
+      };
+      // In this thread, or (while another layer is unpacked here) in a worker.
+      r = await (slot.apply ? slot.apply(opts) : applyLayer(opts));
     } finally {
       slot.release();
     }

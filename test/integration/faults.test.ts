@@ -133,12 +133,17 @@ describe('direct to the registry through the fault proxy', () => {
     direct.setRules(rule({ method: 'GET', path: bigBlob(), times: 1, fault: { kind: 'cut', afterBytes: 300_000 } }));
     await expectGood(await pull(image(direct.host)));
     const reqs = blobRequests(direct);
-    expect(reqs.map((q) => [q.headers.range, q.status, q.faultFired ?? false])).toEqual([
-      [undefined, 200, true],
-      ['bytes=300000-', 206, false],
+    // Resumed from the last byte guestpull took in: at most what the proxy sent before the cut
+    // (bytes still in socket buffers when the connection broke are fetched again).
+    expect(reqs.map((q) => [q.status, q.faultFired ?? false])).toEqual([
+      [200, true],
+      [206, false],
     ]);
     expect(reqs[0]!.bodyBytes).toBe(300_000);
-    expect(reqs[1]!.bodyBytes).toBe(fx.bigSize - 300_000);
+    const from = Number(/^bytes=(\d+)-$/.exec(reqs[1]!.headers.range ?? '')?.[1]);
+    expect(from).toBeGreaterThan(0);
+    expect(from).toBeLessThanOrEqual(300_000);
+    expect(reqs[1]!.bodyBytes).toBe(fx.bigSize - from);
   });
 
   it('cut before any body byte, every time: UNAVAILABLE after max_attempts, naming the endpoint and the reset', async () => {
@@ -264,20 +269,27 @@ describe('direct to the registry through the fault proxy', () => {
     expect(manifestRequests(direct).map((q) => q.fault)).toEqual(['wrong-length', undefined]);
   });
 
-  it('truncated gzip layer (clean close-delimited end) once: resumed with Range, correct rootfs', async () => {
+  // A body that ends only when the connection closes (no Content-Length, not chunked) is refused
+  // before it is read: undici takes the process down when such a connection closes while the
+  // body is paused for backpressure (nodejs/undici#5360). Refused, then retried.
+  it('truncated gzip layer (close-delimited body) once: refused unread, retried whole, correct rootfs', async () => {
     direct.setRules(rule({ path: bigBlob(), times: 1, fault: { kind: 'truncate-gzip', keepBytes: 400_000 } }));
     await expectGood(await pull(image(direct.host)));
-    expect(blobRequests(direct).map((q) => [q.headers.range, q.bodyBytes])).toEqual([
-      [undefined, 400_000],
-      ['bytes=400000-', fx.bigSize - 400_000],
+    const reqs = blobRequests(direct);
+    expect(reqs.map((q) => [q.headers.range, q.faultFired ?? false])).toEqual([
+      [undefined, true],
+      [undefined, false],
     ]);
+    expect(reqs[1]!.bodyBytes).toBe(fx.bigSize);
   });
 
-  it('truncated manifest pulled by digest: DATA_LOSS "digest mismatch" naming host:port', async () => {
+  it('manifest always close-delimited: UNAVAILABLE naming host:port and the framing, the daemon still up', async () => {
     const digest = fx.image.manifest.digest;
     direct.setRules(rule({ path: new RegExp(`/manifests/${digest}$`), fault: { kind: 'truncate-gzip', keepBytes: 100 } }));
-    const details = await expectFailure(await pull(image(direct.host, `@${digest}`)), Status.DATA_LOSS, direct.host);
-    expect(details).toContain('digest mismatch');
+    const details = await expectFailure(await pull(image(direct.host, `@${digest}`)), Status.UNAVAILABLE, direct.host);
+    expect(details).toMatch(/ends only when the connection closes \(no Content-Length, not chunked\)/);
+    direct.setRules([]);
+    await expectGood(await pull(image(direct.host)));
   });
 });
 

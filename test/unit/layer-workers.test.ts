@@ -1,6 +1,6 @@
 /**
- * The layer worker pool (src/pull/layers/workers.ts) with real worker threads, through applyLayer
- * with the slot's inflater (the worker inflates and hashes; the tar stream is applied here): the compiled pool
+ * The layer worker pool (src/pull/layers/workers.ts) with real worker threads (a worker slot runs
+ * applyLayer whole): the compiled pool
  * in dist/ is used (under the test runner the sources are TypeScript, where the pool runs
  * in-thread), so `npm run build` must have run. Results and errors must be what applyLayer gives
  * in-process: the tree, the counts, the error codes and messages, aborts, a dead worker.
@@ -23,12 +23,10 @@ const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../
 const compiled = path.join(repoRoot, 'dist/pull/layers/workers.js');
 
 type PoolCtor = new (size?: number, opts?: { mainFirst?: boolean }) => LayerWorkersType;
-type ApplyFn = (opts: ApplyLayerOptions) => Promise<ApplyLayerResult>;
-/** The compiled applyLayer, given the slot's worker inflater. */
-let applyLayer: ApplyFn;
+/** A layer applied in the slot's worker. */
 const applyIn = (s: LayerSlot, o: ApplyLayerOptions): Promise<ApplyLayerResult> => {
-  if (!s.inflate) throw new Error('the slot has no worker');
-  return applyLayer({ ...o, inflate: s.inflate });
+  if (!s.apply) throw new Error('the slot has no worker');
+  return s.apply(o);
 };
 type ErrorCtor = new (code: string, message: string) => GuestpullErrorType;
 let LayerWorkers: PoolCtor;
@@ -41,7 +39,6 @@ let root: string;
 beforeAll(async () => {
   if (!existsSync(compiled)) throw new Error(`${compiled} is missing: run npm run build first`);
   ({ LayerWorkers } = (await import(compiled)) as { LayerWorkers: PoolCtor });
-  ({ applyLayer } = (await import(path.join(repoRoot, 'dist/pull/layers/index.js'))) as { applyLayer: ApplyFn });
   ({ GuestpullError } = (await import(path.join(repoRoot, 'dist/errors.js'))) as { GuestpullError: ErrorCtor });
 });
 beforeEach(() => {
@@ -181,13 +178,13 @@ describe('LayerWorkers', () => {
     third!.release();
   });
 
-  it('main first: the first slot is the calling thread (no inflate), the next ones workers', async () => {
+  it('main first: the first slot is the calling thread (no apply), the next ones workers', async () => {
     const mf = new LayerWorkers(1, { mainFirst: true });
     try {
       const main = await mf.acquire();
-      expect(main.inflate).toBeUndefined();
+      expect(main.apply).toBeUndefined();
       const w = await mf.acquire();
-      expect(w.inflate).toBeDefined();
+      expect(w.apply).toBeDefined();
       // both taken: a third waits, and gets the main slot when that is released
       let third: LayerSlot | undefined;
       const waiting = mf.acquire().then((s) => (third = s));
@@ -195,7 +192,7 @@ describe('LayerWorkers', () => {
       expect(third).toBeUndefined();
       main.release();
       await waiting;
-      expect(third!.inflate).toBeUndefined();
+      expect(third!.apply).toBeUndefined();
       // a layer through the worker slot still applies correctly
       const t = await packTar([{ name: 'via-worker', content: 'w' }]);
       const blob = zlib.gzipSync(t);
@@ -205,7 +202,7 @@ describe('LayerWorkers', () => {
       third!.release();
       // after every release the main slot is free again
       const again = await mf.acquire();
-      expect(again.inflate).toBeUndefined();
+      expect(again.apply).toBeUndefined();
       again.release();
     } finally {
       await mf.close();
@@ -223,7 +220,7 @@ describe('LayerWorkers', () => {
     for (const w of internals.all) await w.worker.terminate();
     const err = (await running) as GuestpullErrorType;
     expect(err.code).toBe('INTERNAL');
-    expect(err.message).toMatch(/worker inflating layer sha256:ab.* stopped/);
+    expect(err.message).toMatch(/worker unpacking layer sha256:ab.* stopped/);
     slot.release();
     const small = await packTar([{ name: 'again', content: 'ok' }]);
     const sb = zlib.gzipSync(small);

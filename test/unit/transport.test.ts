@@ -8,7 +8,7 @@ import { execFileSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import http from 'node:http';
 import https from 'node:https';
-import type { AddressInfo } from 'node:net';
+import net, { type AddressInfo } from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { Writable } from 'node:stream';
@@ -16,7 +16,7 @@ import { pino } from 'pino';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { ErrorCode, GuestpullError } from '../../src/errors.js';
 import { silentLogger } from '../../src/log.js';
-import { loggableUrl, redirectTarget, sameOrigin, Transport, type TransportOptions } from '../../src/pull/distribution/transport/index.js';
+import { closeDelimited, loggableUrl, redirectTarget, sameOrigin, Transport, type TransportOptions } from '../../src/pull/distribution/transport/index.js';
 import { createPki, type Pki } from '../helpers/tls.js';
 
 type Handler = (req: http.IncomingMessage, res: http.ServerResponse) => void;
@@ -369,5 +369,47 @@ describe('headers and logging', () => {
     expect(lines.join('')).not.toContain('TOPSECRET');
     expect(lines.join('')).not.toContain('s3cr3t');
     expect(loggableUrl('https://u:p@h.example/a?b=c')).toBe('https://***:***@h.example/a?…');
+  });
+});
+
+describe('Transport: bodies delimited only by closing the connection', () => {
+  it('closeDelimited tells the framings apart', () => {
+    const r = (statusCode: number, headers: Record<string, string>): { statusCode: number; headers: Record<string, string> } => ({ statusCode, headers });
+    expect(closeDelimited('GET', r(200, {}))).toBe(true);
+    expect(closeDelimited('GET', r(200, { 'content-length': '5' }))).toBe(false);
+    expect(closeDelimited('GET', r(200, { 'transfer-encoding': 'gzip, chunked' }))).toBe(false);
+    expect(closeDelimited('HEAD', r(200, {}))).toBe(false);
+    expect(closeDelimited('GET', r(204, {}))).toBe(false);
+    expect(closeDelimited('GET', r(304, {}))).toBe(false);
+  });
+
+  it('refuses such a body (UNAVAILABLE naming the endpoint and the fix), retries, and takes a framed answer', async () => {
+    let calls = 0;
+    // A raw server: the first answer has neither Content-Length nor chunked framing and ends by
+    // closing (as a stripping proxy or a hostile host would send); the second is framed.
+    const server = net.createServer((sock) => {
+      sock.on('error', () => undefined); // the client hangs up on the refused body
+      sock.once('data', () => {
+        calls++;
+        if (calls === 1) {
+          sock.end('HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n' + 'x'.repeat(200_000));
+        } else {
+          sock.end('HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok');
+        }
+      });
+    });
+    await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+    cleanups.push(() => new Promise<void>((r) => server.close(() => r())));
+    const url = `http://127.0.0.1:${(server.address() as AddressInfo).port}/v2/x/blobs/sha256:${'a'.repeat(64)}`;
+    const t = transport({ maxAttempts: 3, backoff: { baseDelayMs: 1, maxDelayMs: 1, maxRetryAfterMs: 1, random: () => 0 } });
+    const res = await t.request({ url });
+    expect(await text(res.body)).toBe('ok');
+    expect(calls).toBe(2);
+
+    calls = 0;
+    const once = transport({ maxAttempts: 1 });
+    const err = await rejection(once.request({ url }));
+    expect(err.code).toBe(ErrorCode.UNAVAILABLE);
+    expect(err.message).toMatch(/127\.0\.0\.1:\d+.* answered HTTP 200 with a body that ends only when the connection closes .*Content-Length or chunked/);
   });
 });

@@ -5,8 +5,8 @@
  *          → TarFeeder (tar-stream, framing checks) → LayerApplier (whiteouts, links, owners,
  *            xattrs, devices; see ./apply.ts for the layer semantics)
  *
- * The first line (./inflate.ts) runs in a layer worker during a pull (`inflate`, ./workers.ts):
- * inflation, hashing and the tar applier's file system calls then run on two cores, not one.
+ * The first line is ./inflate.ts. During a pull this runs in the daemon's thread or, for a layer
+ * unpacked beside another, whole in a layer worker (./workers.ts).
  *
  * The diff_id is checked over every decompressed byte once the stream has ended; the entries
  * have been written by then, so on any failure the caller discards the whole staging rootfs.
@@ -15,7 +15,6 @@
  */
 import path from 'node:path';
 import type { Readable } from 'node:stream';
-import { pipeline } from 'node:stream/promises';
 import { asGuestpullError, ErrorCode, GuestpullError } from '../../errors.js';
 import { layerCompression, parseDigest } from '../../oci.js';
 import { LayerApplier } from './apply.js';
@@ -24,7 +23,6 @@ import { inflateInto, type InflateResult, type InflateTask } from './inflate.js'
 import { TarFeeder } from './tarfeed.js';
 
 export { DEFAULT_LAYER_LIMITS, LIMIT_KEYS, type LayerLimits } from './entry.js';
-export type { InflateResult, InflateTask } from './inflate.js';
 
 /** The one logging call a layer makes (a pino Logger, or a worker's forwarder). */
 export interface LayerLog {
@@ -46,15 +44,7 @@ export interface ApplyLayerOptions {
   logger: LayerLog;
   signal?: AbortSignal;
   limits?: Partial<LayerLimits>;
-  /**
-   * Where decompression and the diff_id hash run: by default in this thread; a pull passes a
-   * layer worker's (./workers.ts), which returns the tar stream to be applied here.
-   */
-  inflate?: Inflater;
 }
-
-/** Runs ./inflate.ts somewhere else: the tar stream comes back as `output`, the digest as `result`. */
-export type Inflater = (source: Readable, task: InflateTask, signal?: AbortSignal) => { output: Readable; result: Promise<InflateResult> };
 
 export interface ApplyLayerResult {
   entries: number;
@@ -108,13 +98,7 @@ export async function applyLayer(opts: ApplyLayerOptions): Promise<ApplyLayerRes
 
   let inflated: InflateResult;
   try {
-    if (opts.inflate) {
-      const remote = opts.inflate(opts.source, task, opts.signal);
-      await pipeline(remote.output, feeder, opts.signal ? { signal: opts.signal } : {});
-      inflated = await remote.result;
-    } else {
-      inflated = await inflateInto(opts.source, feeder, task, GUNZIP_READ_AHEAD, opts.signal);
-    }
+    inflated = await inflateInto(opts.source, feeder, task, GUNZIP_READ_AHEAD, opts.signal);
   } catch (e) {
     await feeder.settled();
     if (opts.signal?.aborted) {

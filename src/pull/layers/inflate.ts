@@ -1,7 +1,6 @@
 /**
  * The first half of the layer pipeline: compressed blob → gunzip | zstd | nothing → HashCounter
- * (diff_id digest, size and ratio bounds) → `sink`. Runs in the calling thread or, for a pull, in a
- * layer worker (./worker.ts) whose sink sends the tar stream back to the thread that applies it.
+ * (diff_id digest, size and ratio bounds) → `sink` (the tar applier: ./index.ts).
  *
  * Errors come out classified: data that does not decompress is BAD_IMAGE naming the layer; a
  * failed download is the downloader's own GuestpullError (or UNAVAILABLE naming the layer); the

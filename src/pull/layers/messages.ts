@@ -1,11 +1,11 @@
 /**
  * The messages between the layer worker pool (./workers.ts, main thread) and a layer worker
- * (./worker.ts): compressed bytes in, the tar stream out, each direction credit-windowed; and how
- * a GuestpullError crosses the thread boundary (code, message and a JSON-safe copy of its context;
- * the cause stays behind).
+ * (./worker.ts): a layer task, its compressed bytes in (credit-windowed), its logs and outcome
+ * out; and how a GuestpullError crosses the thread boundary (code, message and a JSON-safe copy of
+ * its context; the cause stays behind).
  */
 import { asGuestpullError, ErrorCode, GuestpullError, type ErrorContext } from '../../errors.js';
-import type { InflateResult, InflateTask } from './inflate.js';
+import type { ApplyLayerOptions, ApplyLayerResult } from './index.js';
 
 export interface SerializedError {
   code: ErrorCode;
@@ -13,24 +13,26 @@ export interface SerializedError {
   context: ErrorContext;
 }
 
+/** What a worker needs of ApplyLayerOptions: everything but the source stream, logger and signal. */
+export type LayerTask = Omit<ApplyLayerOptions, 'source' | 'logger' | 'signal'>;
+
 /**
- * main → worker. `credit`: output bytes the main thread has taken. Every message names its task:
- * messages of a task that has ended (late credits, data of an aborted task) are dropped.
+ * main → worker. Every message names its task: messages of a task that has ended (late data of
+ * an aborted task) are dropped.
  */
 export type ToWorker = { id: number } & (
-  | { t: 'start'; task: InflateTask }
+  | { t: 'start'; task: LayerTask }
   | { t: 'data'; buf: ArrayBuffer }
   | { t: 'end' }
   | { t: 'error'; err: SerializedError }
   | { t: 'abort'; err: SerializedError }
-  | { t: 'credit'; bytes: number }
 );
 
-/** worker → main. `credit`: input bytes the worker has taken; `data`: decompressed tar bytes. */
+/** worker → main. `credit`: compressed bytes the worker's pipeline has taken. */
 export type FromWorker = { id: number } & (
   | { t: 'credit'; bytes: number }
-  | { t: 'data'; buf: ArrayBuffer }
-  | { t: 'done'; result: InflateResult }
+  | { t: 'log'; fields: Record<string, unknown>; msg: string }
+  | { t: 'done'; result: ApplyLayerResult }
   | { t: 'fail'; err: SerializedError }
 );
 

@@ -132,11 +132,10 @@ export interface FsckOptions {
 const YIELD_EVERY = 512;
 const nextTurn = (): Promise<void> => new Promise((resolve) => setImmediate(resolve));
 
+/** Kept per entry until the sort: the path only (stats of tens of thousands of entries would not be small). */
 interface Walked {
   rel: string;
   key: Buffer;
-  abs: string;
-  st: BigIntStats;
 }
 
 function typeChar(st: BigIntStats): string {
@@ -149,20 +148,17 @@ function typeChar(st: BigIntStats): string {
   return 's';
 }
 
-/** Every entry below `root` (root included as `.`), lstat'ed, sorted by the bytes of the relative path. */
+/** Every entry below `root` (root included as `.`), sorted by the bytes of the relative path. */
 async function walk(root: string): Promise<Walked[]> {
-  const top: Walked = { rel: '.', key: Buffer.from('.'), abs: root, st: lstatSync(root, { bigint: true }) };
-  if (!top.st.isDirectory()) throw new Error(`${root} is not a directory`);
-  const out: Walked[] = [top];
-  const dirs: Walked[] = [top];
+  if (!lstatSync(root).isDirectory()) throw new Error(`${root} is not a directory`);
+  const out: Walked[] = [{ rel: '.', key: Buffer.from('.') }];
+  const dirs: string[] = ['.'];
   let sinceYield = 0;
   for (let d = dirs.pop(); d !== undefined; d = dirs.pop()) {
-    for (const name of readdirSync(d.abs)) {
-      const rel = d.rel === '.' ? name : `${d.rel}/${name}`;
-      const abs = path.join(d.abs, name);
-      const w: Walked = { rel, key: Buffer.from(rel, 'utf8'), abs, st: lstatSync(abs, { bigint: true }) };
-      out.push(w);
-      if (w.st.isDirectory()) dirs.push(w);
+    for (const ent of readdirSync(d === '.' ? root : path.join(root, d), { withFileTypes: true })) {
+      const rel = d === '.' ? ent.name : `${d}/${ent.name}`;
+      out.push({ rel, key: Buffer.from(rel, 'utf8') });
+      if (ent.isDirectory()) dirs.push(rel);
       if (++sinceYield >= YIELD_EVERY) {
         sinceYield = 0;
         await nextTurn();
@@ -231,19 +227,21 @@ async function summarize(dir: string, content: boolean): Promise<TreeSummary> {
       sinceYield = 0;
       await nextTurn();
     }
-    const type = typeChar(w.st);
-    const size = type === 'f' ? w.st.size : 0n;
+    const abs = w.rel === '.' ? dir : path.join(dir, w.rel);
+    const st = lstatSync(abs, { bigint: true });
+    const type = typeChar(st);
+    const size = type === 'f' ? st.size : 0n;
     bytes += size;
     let extra: Buffer = Buffer.alloc(0);
-    if (type === 'l') extra = readlinkSync(w.abs, { encoding: 'buffer' });
-    else if (type === 'c' || type === 'b') extra = Buffer.from(w.st.rdev.toString(), 'latin1');
-    const xs = xattrs(w.abs);
+    if (type === 'l') extra = readlinkSync(abs, { encoding: 'buffer' });
+    else if (type === 'c' || type === 'b') extra = Buffer.from(st.rdev.toString(), 'latin1');
+    const xs = xattrs(abs);
     const parts: Buffer[] = [
       w.key, NUL,
       Buffer.from(type, 'latin1'), NUL,
-      Buffer.from((Number(w.st.mode) & 0o7777).toString(8).padStart(4, '0'), 'latin1'), NUL,
-      Buffer.from(w.st.uid.toString(), 'latin1'), NUL,
-      Buffer.from(w.st.gid.toString(), 'latin1'), NUL,
+      Buffer.from((Number(st.mode) & 0o7777).toString(8).padStart(4, '0'), 'latin1'), NUL,
+      Buffer.from(st.uid.toString(), 'latin1'), NUL,
+      Buffer.from(st.gid.toString(), 'latin1'), NUL,
       Buffer.from(size.toString(), 'latin1'), NUL,
       extra, NUL,
       Buffer.from(String(xs.length), 'latin1'), NUL,
@@ -253,7 +251,7 @@ async function summarize(dir: string, content: boolean): Promise<TreeSummary> {
     meta.update(line).update(NL);
     if (full) {
       full.update(line);
-      if (type === 'f') full.update(await fileSha256(w.abs, w.st.size), 'latin1');
+      if (type === 'f') full.update(await fileSha256(abs, st.size), 'latin1');
       full.update(NL);
     }
   }

@@ -23,7 +23,7 @@ import { Dispatchers } from './dispatchers.js';
 import { abortError, networkError, type TimeoutsMs } from './errors.js';
 import { proxyLabel, ProxyRouter, type ProxySettings, type Route } from './proxy.js';
 import { loggableUrl, REDIRECT_STATUSES, redirectTarget, sameOrigin } from './redirect.js';
-import { DEFAULT_BACKOFF, parseRetryAfter, RETRY_STATUSES, retryDelay, retryReason, sleep, type BackoffOptions } from './retry.js';
+import { CLOSE_DELIMITED, DEFAULT_BACKOFF, parseRetryAfter, RETRY_STATUSES, retryDelay, retryReason, sleep, type BackoffOptions } from './retry.js';
 
 export { networkError, abortError, connectStatus } from './errors.js';
 export { redirectTarget, sameOrigin, loggableUrl } from './redirect.js';
@@ -271,6 +271,20 @@ export class Transport {
         url = next;
         continue;
       }
+      if (closeDelimited(method, res)) {
+        // undici asserts (and takes the process down) when such a connection closes while the
+        // parser is paused for backpressure (nodejs/undici#5360, fixed only in undici 8), and any
+        // registry or proxy can send one: refuse it before a byte is read. Retried: a proxy's
+        // next answer may be framed.
+        res.body.destroy();
+        throw new GuestpullError(
+          ErrorCode.UNAVAILABLE,
+          `${loggableUrl(url)} answered HTTP ${res.statusCode} with a body that ends only when the connection closes (no Content-Length, not chunked); ` +
+            'guestpull does not read such bodies; make the registry or proxy send Content-Length or chunked responses',
+          { endpoint: url.origin },
+          { cause: Object.assign(new Error('response body delimited by connection close'), { code: CLOSE_DELIMITED }) },
+        );
+      }
       const finalUrl = url.href;
       this.logger.debug(
         { method, url: loggableUrl(url), status: res.statusCode, redirects: hop, ms: Math.round(performance.now() - started) },
@@ -292,4 +306,13 @@ export class Transport {
   async close(): Promise<void> {
     await this.dispatchers.close();
   }
+}
+
+/** A response whose body is framed only by the connection closing: no Content-Length, not chunked. */
+export function closeDelimited(method: string, res: { statusCode: number; headers: Record<string, string | string[] | undefined> }): boolean {
+  if (method === 'HEAD' || res.statusCode < 200 || res.statusCode === 204 || res.statusCode === 304) return false;
+  if (res.headers['content-length'] !== undefined) return false;
+  const te = res.headers['transfer-encoding'];
+  const teText = Array.isArray(te) ? te.join(',') : (te ?? '');
+  return !/\bchunked\b/i.test(teText);
 }

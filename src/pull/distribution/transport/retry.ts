@@ -23,6 +23,9 @@ export interface BackoffOptions {
 
 export const DEFAULT_BACKOFF: Required<BackoffOptions> = { baseDelayMs: 200, maxDelayMs: 10_000, maxRetryAfterMs: 60_000, random: Math.random };
 
+/** Cause code of a refused close-delimited response body (./index.ts): another attempt may be framed. */
+export const CLOSE_DELIMITED = 'GP_CLOSE_DELIMITED_BODY';
+
 export const RETRY_STATUSES: ReadonlySet<number> = new Set([429, 500, 502, 503, 504]);
 
 /** Full-jitter delay before retry number `retry` (1 for the first retry). */
@@ -63,6 +66,7 @@ const RETRYABLE_CODES: ReadonlyMap<string, string> = new Map([
   ['UND_ERR_BODY_TIMEOUT', 'body idle timeout'],
   ['UND_ERR_RES_CONTENT_LENGTH_MISMATCH', 'body cut short'],
   ['EAI_AGAIN', 'temporary DNS failure'],
+  [CLOSE_DELIMITED, 'a body delimited only by closing the connection'],
   ['EHOSTUNREACH', 'host unreachable'],
   ['ENETUNREACH', 'network unreachable'],
 ]);
