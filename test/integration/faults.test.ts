@@ -276,10 +276,11 @@ describe('direct to the registry through the fault proxy', () => {
     direct.setRules(rule({ path: bigBlob(), times: 1, fault: { kind: 'truncate-gzip', keepBytes: 400_000 } }));
     await expectGood(await pull(image(direct.host)));
     const reqs = blobRequests(direct);
-    expect(reqs.map((q) => [q.headers.range, q.faultFired ?? false])).toEqual([
-      [undefined, true],
-      [undefined, false],
-    ]);
+    // Two whole requests, no Range: the first answer was dropped at its headers (so the proxy may
+    // not even have reached its cut point), the second read in full.
+    expect(reqs.map((q) => q.headers.range)).toEqual([undefined, undefined]);
+    expect(reqs[0]!.bodyBytes).toBeLessThan(fx.bigSize);
+    expect(reqs[1]!.faultFired ?? false).toBe(false);
     expect(reqs[1]!.bodyBytes).toBe(fx.bigSize);
   });
 
