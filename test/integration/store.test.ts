@@ -203,6 +203,30 @@ describe('the layer store', () => {
     expect(b1).toBeDefined();
   });
 
+  it('the daemon\'s sweep drops the record of a bundle the runtime removed, and keeps a mounted one', async () => {
+    const p = puller();
+    const [gone, kept] = [newBundle(), newBundle()];
+    await p.pull(`${registry.host}/share/a:v1`, gone);
+    await p.pull(`${registry.host}/share/a:v1`, kept);
+    const layout = new Layout(workDir());
+    const recorded = async (): Promise<string[]> => {
+      const out: string[] = [];
+      for (const name of readdirSync(layout.bundlesDir).filter((n) => n.endsWith('.json'))) {
+        out.push((JSON.parse(await readFile(path.join(layout.bundlesDir, name), 'utf8')) as { bundle: string }).bundle);
+      }
+      return out;
+    };
+    expect(await recorded()).toEqual(expect.arrayContaining([gone, kept]));
+    // What the kata agent does when a container goes: unmount and remove the bundle.
+    umount(path.join(gone, 'rootfs'), 0);
+    await rm(gone, { recursive: true, force: true });
+    await p.sweep();
+    const after = await recorded();
+    expect(after).not.toContain(gone);
+    expect(after).toContain(kept);
+    expect(readFileSync(path.join(kept, 'rootfs/app-a'), 'utf8')).toBe('A\n');
+  });
+
   it('guestpull gc on a work dir that does not exist has nothing to do', () => {
     const r = spawnSync(process.execPath, [path.join(repoRoot, 'dist/cli.js'), 'gc', '--work-dir', path.join(tmp, 'nowhere')], { encoding: 'utf8' });
     expect(r.status).toBe(0);
