@@ -1,7 +1,9 @@
 /**
- * Small filesystem primitives shared by every module that publishes files: one atomic write.
+ * Small filesystem primitives shared by every module that publishes files: one atomic write; and
+ * an lstat that says "nothing there" as null.
  */
 import { randomBytes } from 'node:crypto';
+import { lstatSync, type Stats } from 'node:fs';
 import { open, rename, unlink } from 'node:fs/promises';
 import path from 'node:path';
 
@@ -46,5 +48,15 @@ export async function syncDir(dir: string): Promise<void> {
     }
   } catch {
     // the rename itself has happened either way
+  }
+}
+
+/** lstat(2) of `p`, or null when nothing is there (ENOENT, or a parent that is not a directory). */
+export function lstatOrNull(p: string): Stats | null {
+  try {
+    return lstatSync(p, { throwIfNoEntry: false }) ?? null;
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOTDIR') return null;
+    throw e;
   }
 }

@@ -32,7 +32,7 @@ import { defaultWorkerCount, LayerWorkers } from './layers/workers.js';
 import { candidatesFor, type Candidate } from './registries/index.js';
 import { loadRegistryConfiguration } from './registries/load.js';
 import { createStaging, removeStaleStaging } from './stage.js';
-import { chainIds, Store, type BundleMode, type LayerSpec, type UnpackResult } from './store/index.js';
+import { chainIds, Store, type BundleMode, type LayerSpec, type UnpackHooks, type UnpackResult } from './store/index.js';
 
 export interface PullOptions {
   signal?: AbortSignal;
@@ -234,8 +234,8 @@ export class Puller {
       );
     }
 
-    const apply = (layer: Descriptor, i: number, root: string, sig?: AbortSignal): Promise<UnpackResult> =>
-      this.applyOne(client, layer, i, diffIds[i]!, root, image, log, sig);
+    const apply = (layer: Descriptor, i: number, root: string, sig?: AbortSignal, hooks?: UnpackHooks): Promise<UnpackResult> =>
+      this.applyOne(client, layer, i, diffIds[i]!, root, image, log, sig, hooks);
     const common = { bundle, image, imageConfig, log, ...(manifest.annotations ? { manifestAnnotations: manifest.annotations } : {}), ...(signal ? { signal } : {}) };
     try {
       if (snapshotter === 'overlay') {
@@ -246,7 +246,7 @@ export class Puller {
           layerDigest: layer.digest,
           mediaType: layer.mediaType,
           compressedBytes: layer.size,
-          unpack: (root, sig) => apply(layer, i, root, sig),
+          unpack: (root, sig, hooks) => apply(layer, i, root, sig, hooks),
         }));
         await this.overlayBundle(store, specs, manifestDigest, manifest.config.digest, common);
       } else {
@@ -296,9 +296,20 @@ export class Puller {
   }
 
   /** Download one layer and apply it (verified) onto `root`. */
-  private async applyOne(client: RegistryClient, layer: Descriptor, index: number, diffId: string, root: string, image: string, log: Logger, signal?: AbortSignal): Promise<UnpackResult> {
+  private async applyOne(
+    client: RegistryClient,
+    layer: Descriptor,
+    index: number,
+    diffId: string,
+    root: string,
+    image: string,
+    log: Logger,
+    signal?: AbortSignal,
+    hooks?: UnpackHooks,
+  ): Promise<UnpackResult> {
     // A slot first, then the download: a queued layer must not hold an idle response open.
     const slot = await this.workers.acquire(signal);
+    hooks?.started?.();
     const t0 = Date.now();
     let r: ApplyLayerResult;
     try {
@@ -314,6 +325,7 @@ export class Puller {
         logger: log,
         limits: this.config.image.limits,
         ...(signal ? { signal } : {}),
+        ...(hooks?.lower ? { lower: hooks.lower } : {}),
       };
       // In this thread, or (while another layer is unpacked here) in a worker.
       r = await (slot.apply ? slot.apply(opts) : applyLayer(opts));
@@ -321,7 +333,7 @@ export class Puller {
       slot.release();
     }
     log.info({ layer: layer.digest, index, bytes: layer.size, uncompressed: r.uncompressedBytes, entries: r.entries, ms: Date.now() - t0 }, 'layer applied');
-    return { entries: r.entries, uncompressedBytes: r.uncompressedBytes };
+    return { entries: r.entries, uncompressedBytes: r.uncompressedBytes, rootEntry: r.rootEntry, switched: r.switched };
   }
 
   /** Copy mode: every layer applied in order into a staging rootfs in the bundle, then published. */

@@ -57,6 +57,7 @@ import { rm } from 'node:fs/promises';
 import path from 'node:path';
 import type { Header } from 'tar-stream';
 import { ErrorCode, GuestpullError } from '../../errors.js';
+import { lstatOrNull } from '../../fsutil.js';
 import { llistxattr, lremovexattr, lsetxattr, mknod, nativeAvailable } from '../../native/index.js';
 import { badEntry, limitHint, parseEntry, type LayerContext, type LayerEntry, type LayerLimits, type Xattr } from './entry.js';
 import { cleanEntryPath, MAX_SYMLINK_FOLLOWS, resolveInRoot, splitImagePath } from './rootpath.js';
@@ -74,15 +75,6 @@ interface DirMeta {
   mode: number;
   atime: number;
   mtime: number;
-}
-
-function lstatOrNull(p: string): fs.Stats | null {
-  try {
-    return fs.lstatSync(p, { throwIfNoEntry: false }) ?? null;
-  } catch (e) {
-    if ((e as NodeJS.ErrnoException).code === 'ENOTDIR') return null;
-    throw e;
-  }
 }
 
 /** Whether a lower layer could have set this xattr from an image (see wantXattr), so a renewed directory drops it. */
@@ -167,7 +159,27 @@ async function drain(body: EntryBody): Promise<void> {
 export interface ApplierOptions {
   /** Running as root: apply uid/gid, create device nodes, set security.capability and trusted.* xattrs. */
   root: boolean;
+  /**
+   * Speculative mode (overlay store, parents still being unpacked): the root is the new layer's
+   * own empty upper directory, not an overlay of its parents. Entries that need nothing from the
+   * layers below are written straight into it (whiteouts as char 0:0, opaque markers as
+   * `trusted.overlay.opaque=y`, as overlayfs itself writes them); at the first entry that does (a
+   * parent directory the layer does not make itself, a hard link to a lower file, an entry over one
+   * of its own whiteouts), `lower` is awaited: once the parents are complete, the caller merges what
+   * was written so far onto them (src/pull/store/speculative.ts) and mounts the usual build overlay,
+   * and the rest of the layer is applied through that mount, exactly as it would have been anyway.
+   */
+  lower?: (rootEntry: boolean) => Promise<LowerSwitch>;
 }
+
+/** What `lower` gives: the build overlay mount to go on in, and which of the layer's directories merge with a lower one. */
+export interface LowerSwitch {
+  root: string;
+  /** Host paths (under the speculative root) of this layer's directories that a lower directory lies under. */
+  merged: string[];
+}
+
+const OPAQUE_XATTR = 'trusted.overlay.opaque';
 
 export class LayerApplier {
   entries = 0;
@@ -196,13 +208,24 @@ export class LayerApplier {
    * (host paths) → the symlink and that entry. A whiteout or opaque marker may not remove them.
    */
   private readonly through = new Map<string, { link: string; entry: string }>();
+  /** Speculative mode (see ApplierOptions.lower) until the switch to the build overlay. */
+  private speculative: boolean;
+  /** Speculative mode: the whiteouts (char 0:0) this layer made, host paths. */
+  private readonly ownWhiteouts = new Set<string>();
+  /** The layer had an entry for the root directory itself. */
+  rootEntry = false;
+  /** The layer went on through the build overlay (speculative mode needed its parents). */
+  switched = false;
+  private root: string;
 
   constructor(
-    private readonly root: string,
+    root: string,
     private readonly ctx: LayerContext,
     private readonly limits: LayerLimits,
     private readonly opts: ApplierOptions,
   ) {
+    this.root = root;
+    this.speculative = opts.lower !== undefined;
     if (!root.startsWith('/') || root === '/' || root.endsWith('/')) {
       throw new GuestpullError(ErrorCode.INTERNAL, `rootfs must be an absolute path below / without a trailing slash, got ${JSON.stringify(root)}`);
     }
@@ -263,6 +286,7 @@ export class LayerApplier {
     const comps = e.components;
     if (comps.length === 0) {
       if (e.kind !== 'directory') throw badEntry(this.ctx, e.name, `names the root directory but is a ${e.kind}`);
+      this.rootEntry = true;
       if (this.opts.root) fs.chownSync(this.root, e.uid, e.gid);
       this.setXattrs(this.root, e);
       this.pendingDirs.set(this.root, { mode: e.mode, atime: e.atime, mtime: e.mtime });
@@ -273,6 +297,7 @@ export class LayerApplier {
     }
     const base = comps[comps.length - 1]!;
     const parentComps = comps.slice(0, -1);
+    if (this.speculative && !(await this.alone(e, base, parentComps))) await this.switchToLower();
 
     if (base.startsWith(WHITEOUT_PREFIX)) {
       if (e.kind === 'file' && e.size > 0) await drain(body);
@@ -434,7 +459,10 @@ export class LayerApplier {
   private async whiteout(e: LayerEntry, base: string, parentComps: string[]): Promise<void> {
     if (base === OPAQUE_MARKER) {
       const dir = await this.dirFor(parentComps, false, e);
-      if (dir !== null) await this.opaque(dir, e);
+      if (dir === null) return;
+      // Speculative: everything in the directory is this layer's; overlayfs hides the rest.
+      if (this.speculative) lsetxattr(dir, OPAQUE_XATTR, Buffer.from('y'));
+      else await this.opaque(dir, e);
       return;
     }
     const name = base.slice(WHITEOUT_PREFIX.length);
@@ -442,6 +470,14 @@ export class LayerApplier {
     const dir = await this.dirFor(parentComps, false, e);
     if (dir === null) return;
     const target = `${dir}/${name}`;
+    if (this.speculative) {
+      // Nothing of this layer is there (see alone()): hide whatever the layers below have, as overlayfs does.
+      if (!this.ownWhiteouts.has(target)) {
+        mknod(target, 'char', 0, 0, 0);
+        this.ownWhiteouts.add(target);
+      }
+      return;
+    }
     const st = lstatOrNull(target);
     if (st === null) return;
     if (!this.written.has(target)) {
@@ -452,6 +488,64 @@ export class LayerApplier {
       await this.opaque(target, e);
     }
     // A non-directory this layer wrote itself stays: whiteouts act on lower layers only.
+  }
+
+  /**
+   * Speculative mode: whether entry `e` can be applied without the layers below: its parent
+   * directory is this layer's own, it does not land on one of its own whiteouts, a whiteout hides
+   * nothing this layer wrote, an opaque marker is not for the root, a hard link's target is here.
+   */
+  private async alone(e: LayerEntry, base: string, parentComps: string[]): Promise<boolean> {
+    const dir = await this.dirFor(parentComps, false, e);
+    if (dir === null) return false;
+    if (base === OPAQUE_MARKER) return dir !== this.root;
+    if (base.startsWith(WHITEOUT_PREFIX)) {
+      const target = `${dir}/${base.slice(WHITEOUT_PREFIX.length)}`;
+      return this.ownWhiteouts.has(target) || !this.written.has(target);
+    }
+    if (this.ownWhiteouts.has(`${dir}/${base}`)) return false;
+    if (e.kind !== 'link') return true;
+    const tcomps = cleanEntryPath(e.linkname);
+    if (tcomps.length === 0) return true; // refused by createHardlink
+    const tdir = await this.dirFor(tcomps.slice(0, -1), false, e);
+    if (tdir === null) return false;
+    const target = `${tdir}/${tcomps[tcomps.length - 1]!}`;
+    return !this.ownWhiteouts.has(target) && lstatOrNull(target) !== null;
+  }
+
+  /**
+   * Speculative mode ends: wait for the parents, have what was written merged onto them and the
+   * build overlay mounted (ApplierOptions.lower), and go on in that mount with every host path
+   * this applier remembers moved there. A directory that now merges with a lower one is no longer
+   * one this layer made (a later whiteout of it renews it, as in an ordinary build).
+   */
+  private async switchToLower(): Promise<void> {
+    const sw = await this.opts.lower!(this.rootEntry);
+    const from = this.root;
+    const to = sw.root;
+    const move = (p: string): string => (p === from ? to : `${to}${p.slice(from.length)}`);
+    const moveSet = (set: Set<string>): void => {
+      const all = [...set];
+      set.clear();
+      for (const p of all) set.add(move(p));
+    };
+    for (const p of sw.merged) this.made.delete(p);
+    moveSet(this.written);
+    moveSet(this.made);
+    moveSet(this.explicit);
+    const dirs = [...this.pendingDirs];
+    this.pendingDirs.clear();
+    for (const [k, v] of dirs) this.pendingDirs.set(move(k), v);
+    const own = [...this.ownXattrs];
+    this.ownXattrs.clear();
+    for (const [k, v] of own) this.ownXattrs.set(move(k), v);
+    this.fresh.clear();
+    this.dirs.clear();
+    this.ownWhiteouts.clear();
+    this.through.clear();
+    this.root = to;
+    this.speculative = false;
+    this.switched = true;
   }
 
   /** Remove every child of `dir` this layer did not write; keep only this layer's part of children it did. */

@@ -17,12 +17,13 @@ import path from 'node:path';
 import type { Readable } from 'node:stream';
 import { asGuestpullError, ErrorCode, GuestpullError } from '../../errors.js';
 import { layerCompression, parseDigest } from '../../oci.js';
-import { LayerApplier } from './apply.js';
+import { LayerApplier, type LowerSwitch } from './apply.js';
 import { DEFAULT_LAYER_LIMITS, type LayerContext, type LayerLimits } from './entry.js';
 import { inflateInto, type InflateResult, type InflateTask } from './inflate.js';
 import { TarFeeder } from './tarfeed.js';
 
 export { DEFAULT_LAYER_LIMITS, LIMIT_KEYS, type LayerLimits } from './entry.js';
+export type { LowerSwitch } from './apply.js';
 
 /** The one logging call a layer makes (a pino Logger, or a worker's forwarder). */
 export interface LayerLog {
@@ -44,6 +45,11 @@ export interface ApplyLayerOptions {
   logger: LayerLog;
   signal?: AbortSignal;
   limits?: Partial<LayerLimits>;
+  /**
+   * Set when `rootfs` is the layer's own empty upper directory while its parents are still being
+   * unpacked (overlay store): the applier's speculative mode, see ./apply.ts ApplierOptions.lower.
+   */
+  lower?: (rootEntry: boolean) => Promise<LowerSwitch>;
 }
 
 export interface ApplyLayerResult {
@@ -53,6 +59,10 @@ export interface ApplyLayerResult {
   xattrs: number;
   ignoredXattrs: number;
   ms: number;
+  /** The layer had an entry for its root directory. */
+  rootEntry: boolean;
+  /** Speculative mode needed the parents (`lower` was called). */
+  switched: boolean;
 }
 
 /** In-thread: decompressed bytes gunzip may hold ahead of the (busy) tar applier. */
@@ -87,7 +97,7 @@ export async function applyLayer(opts: ApplyLayerOptions): Promise<ApplyLayerRes
 
   let applier: LayerApplier;
   try {
-    applier = new LayerApplier(path.resolve(opts.rootfs), ctx, limits, { root: process.getuid?.() === 0 });
+    applier = new LayerApplier(path.resolve(opts.rootfs), ctx, limits, { root: process.getuid?.() === 0, ...(opts.lower ? { lower: opts.lower } : {}) });
   } catch (e) {
     opts.source.destroy();
     const ge = asGuestpullError(e);
@@ -130,5 +140,13 @@ export async function applyLayer(opts: ApplyLayerOptions): Promise<ApplyLayerRes
     { image: opts.image, layer: opts.layerDigest, entries: applier.entries, bytes: inflated.bytes, xattrs: applier.xattrs, ms },
     'layer unpacked',
   );
-  return { entries: applier.entries, uncompressedBytes: inflated.bytes, xattrs: applier.xattrs, ignoredXattrs: applier.ignoredXattrs, ms };
+  return {
+    entries: applier.entries,
+    uncompressedBytes: inflated.bytes,
+    xattrs: applier.xattrs,
+    ignoredXattrs: applier.ignoredXattrs,
+    ms,
+    rootEntry: applier.rootEntry,
+    switched: applier.switched,
+  };
 }

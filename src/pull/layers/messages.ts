@@ -5,7 +5,7 @@
  * its context; the cause stays behind).
  */
 import { asGuestpullError, ErrorCode, GuestpullError, type ErrorContext } from '../../errors.js';
-import type { ApplyLayerOptions, ApplyLayerResult } from './index.js';
+import type { ApplyLayerOptions, ApplyLayerResult, LowerSwitch } from './index.js';
 
 export interface SerializedError {
   code: ErrorCode;
@@ -14,11 +14,15 @@ export interface SerializedError {
 }
 
 /** What a worker needs of ApplyLayerOptions: everything but the source stream, logger and signal. */
-export type LayerTask = Omit<ApplyLayerOptions, 'source' | 'logger' | 'signal'>;
+export type LayerTask = Omit<ApplyLayerOptions, 'source' | 'logger' | 'signal' | 'lower'> & {
+  /** The worker asks for the parents (a `lower` message) when the applier needs them. */
+  speculative?: boolean;
+};
 
 /**
  * main → worker. Every message names its task: messages of a task that has ended (late data of
- * an aborted task) are dropped.
+ * an aborted task) are dropped. `lower`/`lowerReady`/`lowerFailed`: a speculative layer's request
+ * for its parents and the answer (see ./apply.ts ApplierOptions.lower).
  */
 export type ToWorker = { id: number } & (
   | { t: 'start'; task: LayerTask }
@@ -26,6 +30,8 @@ export type ToWorker = { id: number } & (
   | { t: 'end' }
   | { t: 'error'; err: SerializedError }
   | { t: 'abort'; err: SerializedError }
+  | { t: 'lowerReady'; sw: LowerSwitch }
+  | { t: 'lowerFailed'; err: SerializedError }
 );
 
 /** worker → main. `credit`: compressed bytes the worker's pipeline has taken. */
@@ -34,6 +40,7 @@ export type FromWorker = { id: number } & (
   | { t: 'log'; fields: Record<string, unknown>; msg: string }
   | { t: 'done'; result: ApplyLayerResult }
   | { t: 'fail'; err: SerializedError }
+  | { t: 'lower'; rootEntry: boolean }
 );
 
 function jsonSafe(context: ErrorContext): ErrorContext {

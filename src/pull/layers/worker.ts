@@ -12,7 +12,7 @@
 import { Readable } from 'node:stream';
 import { parentPort } from 'node:worker_threads';
 import { ErrorCode, GuestpullError } from '../../errors.js';
-import { applyLayer } from './index.js';
+import { applyLayer, type LowerSwitch } from './index.js';
 import { deserializeError, serializeError, type FromWorker, type ToWorker } from './messages.js';
 
 /** The source stream of one task, fed by `data` messages. */
@@ -37,7 +37,15 @@ const port = parentPort;
 if (!port) throw new Error('src/pull/layers/worker.ts runs only as a worker thread');
 const post = (m: FromWorker): void => port.postMessage(m);
 
-let current: { id: number; source: PortSource; controller: AbortController } | undefined;
+interface Current {
+  id: number;
+  source: PortSource;
+  controller: AbortController;
+  /** The answer to a `lower` request, while one is out. */
+  lower?: { resolve: (sw: LowerSwitch) => void; reject: (e: unknown) => void };
+}
+
+let current: Current | undefined;
 
 port.on('message', (m: ToWorker) => {
   if (m.t !== 'start' && m.id !== current?.id) return; // a task that has ended
@@ -46,10 +54,17 @@ port.on('message', (m: ToWorker) => {
       const { id } = m;
       const controller = new AbortController();
       const source = new PortSource((bytes) => post({ id, t: 'credit', bytes }));
-      const task = { id, source, controller };
+      const task: Current = { id, source, controller };
       current = task;
+      const { speculative, ...layer } = m.task;
+      const lower = (rootEntry: boolean): Promise<LowerSwitch> =>
+        new Promise<LowerSwitch>((resolve, reject) => {
+          task.lower = { resolve, reject };
+          post({ id, t: 'lower', rootEntry });
+        });
       applyLayer({
-        ...m.task,
+        ...layer,
+        ...(speculative ? { lower } : {}),
         source,
         signal: controller.signal,
         logger: { debug: (fields: Record<string, unknown>, msg: string) => post({ id, t: 'log', fields, msg }) },
@@ -75,8 +90,19 @@ port.on('message', (m: ToWorker) => {
     case 'error':
       current?.source.destroy(deserializeError(m.err));
       break;
-    case 'abort':
-      current?.controller.abort(deserializeError(m.err));
+    case 'abort': {
+      const err = deserializeError(m.err);
+      current?.controller.abort(err);
+      current?.lower?.reject(err);
+      break;
+    }
+    case 'lowerReady':
+      current?.lower?.resolve(m.sw);
+      if (current) current.lower = undefined;
+      break;
+    case 'lowerFailed':
+      current?.lower?.reject(deserializeError(m.err));
+      if (current) current.lower = undefined;
       break;
     default: {
       const never: never = m;

@@ -223,6 +223,22 @@ export class LayerWorkers {
           case 'fail':
             finish(deserializeError(m.err));
             break;
+          case 'lower': {
+            const ask = opts.lower;
+            if (ask === undefined) {
+              send({ id, t: 'lowerFailed', err: serializeError(new GuestpullError(ErrorCode.INTERNAL, `the worker unpacking layer ${opts.layerDigest} asked for its parents, but it is not speculative`)) });
+              break;
+            }
+            ask(m.rootEntry).then(
+              (sw) => {
+                if (!settled) send({ id, t: 'lowerReady', sw });
+              },
+              (e: unknown) => {
+                if (!settled) send({ id, t: 'lowerFailed', err: serializeError(e) });
+              },
+            );
+            break;
+          }
         }
       };
       w.onExit = (why) =>
@@ -243,6 +259,7 @@ export class LayerWorkers {
           rootfs: opts.rootfs,
           image: opts.image,
           ...(opts.limits ? { limits: opts.limits } : {}),
+          ...(opts.lower ? { speculative: true } : {}),
         },
       });
       if (signal?.aborted) onAbort();

@@ -15,7 +15,7 @@
 import { lstatSync, mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { ErrorCode, GuestpullError } from '../../errors.js';
-import { lgetxattr, MNT_DETACH, mount, nativeAvailable, umount } from '../../native/index.js';
+import { lgetxattr, MNT_DETACH, mount, MS_RDONLY, nativeAvailable, umount } from '../../native/index.js';
 
 /** mount(2) copies one page of options; 4 KiB pages are the smallest Linux has. */
 export const MAX_MOUNT_DATA = 4095;
@@ -83,6 +83,26 @@ export function mountOverlay(spec: OverlaySpec, target: string, relativeTo: stri
   process.chdir(plan.cwd);
   try {
     mount('overlay', target, 'overlay', 0, plan.data);
+  } finally {
+    process.chdir(prev);
+  }
+}
+
+/**
+ * Mount a read-only overlay of `lowers` (topmost first, at least two) at `target`: the merged view
+ * of complete store layers, whiteouts and opaque directories applied (speculative builds).
+ */
+export function mountLowerView(lowers: readonly string[], target: string, relativeTo: string): void {
+  const data = (cwd?: string): string => `lowerdir=${lowers.map((l) => escapeOverlayPath(cwd === undefined ? l : path.relative(cwd, l))).join(':')}`;
+  if (Buffer.byteLength(data()) <= MAX_MOUNT_DATA) {
+    mount('overlay', target, 'overlay', MS_RDONLY, data());
+    return;
+  }
+  if (Buffer.byteLength(data(relativeTo)) > MAX_MOUNT_DATA) throw tooManyLayers(lowers.length);
+  const prev = process.cwd();
+  process.chdir(relativeTo);
+  try {
+    mount('overlay', target, 'overlay', MS_RDONLY, data(relativeTo));
   } finally {
     process.chdir(prev);
   }

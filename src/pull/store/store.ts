@@ -27,7 +27,10 @@ import { ConfigCache } from './configs.js';
 import { chainHex, Layout } from './layout.js';
 import { acquireLock, LocalQueue, ownerTag } from './lock.js';
 import { mountsUnder, readMounts } from './mountinfo.js';
-import { mountOverlay, planMount, probeOverlay, unmountQuietly, type ProbeResult } from './overlay.js';
+import { mountLowerView, mountOverlay, planMount, probeOverlay, unmountQuietly, type ProbeResult } from './overlay.js';
+import { mergeOntoLower } from './speculative.js';
+import { nativeAvailable } from '../../native/index.js';
+import type { LowerSwitch } from '../layers/index.js';
 import { BundleRecord, LayerRecord, readRecord, RECORD_VERSION, writeJsonAtomic } from './records.js';
 
 export type BundleMode = 'overlay' | 'copy';
@@ -35,6 +38,22 @@ export type BundleMode = 'overlay' | 'copy';
 export interface UnpackResult {
   entries: number;
   uncompressedBytes: number;
+  /** The layer had an entry for its root directory (speculative builds: its metadata is the layer's). */
+  rootEntry?: boolean;
+  /** A speculative unpack asked for its parents (`lower`) and finished through the build overlay. */
+  switched?: boolean;
+}
+
+/** What the store offers an unpack beside the root. */
+export interface UnpackHooks {
+  /** Call once the unpack holds what it needs to run (a layer slot): the next layer may start then. */
+  started?: () => void;
+  /**
+   * Set for a speculative build: `root` is the layer's own empty upper directory, its parents are
+   * still being unpacked. Call this when an entry needs them: it resolves, once they are complete,
+   * with the build overlay to go on in (./speculative.ts, src/pull/layers/apply.ts).
+   */
+  lower?: (rootEntry: boolean) => Promise<LowerSwitch>;
 }
 
 export interface LayerSpec {
@@ -44,8 +63,8 @@ export interface LayerSpec {
   layerDigest: string;
   mediaType: string;
   compressedBytes: number;
-  /** Unpack the verified layer into `root` (an overlay of its parents); reject on any failure. */
-  unpack(root: string, signal?: AbortSignal): Promise<UnpackResult>;
+  /** Unpack the verified layer into `root` (an overlay of its parents, or see UnpackHooks.lower); reject on any failure. */
+  unpack(root: string, signal?: AbortSignal, hooks?: UnpackHooks): Promise<UnpackResult>;
 }
 
 export interface StoreOptions {
@@ -53,6 +72,17 @@ export interface StoreOptions {
   logger: Logger;
   /** How long to wait for the work dir mutex held by another process (default 60 s). */
   lockWaitMs?: number;
+  /**
+   * Unpack a layer while its parents are still being unpacked (speculative builds, ./speculative.ts).
+   * Default: when running as root with the native addon (what overlay builds need anyway).
+   */
+  speculative?: boolean;
+}
+
+/** A layer being unpacked by this process: `started` once it holds a layer slot. */
+interface Building {
+  done: Promise<void>;
+  started: Promise<void>;
 }
 
 /** What an overlay pull reserved: a pending bundle record and its upper and work directories. */
@@ -93,7 +123,7 @@ const openStores = new Map<string, Promise<Store>>();
 export class Store {
   readonly layout: Layout;
   readonly configs: ConfigCache;
-  private readonly building = new Map<string, Promise<void>>();
+  private readonly building = new Map<string, Building>();
   private readonly queue = new LocalQueue();
   private probe: ProbeResult | undefined;
   private modeLogged = false;
@@ -103,6 +133,7 @@ export class Store {
     root: string,
     private readonly logger: Logger,
     private readonly lockWaitMs: number,
+    private readonly speculative: boolean,
   ) {
     this.layout = new Layout(root);
     this.configs = new ConfigCache(this.layout);
@@ -137,7 +168,8 @@ export class Store {
   }
 
   private static async create(opts: StoreOptions, root: string): Promise<Store> {
-    const store = new Store(root, opts.logger, opts.lockWaitMs ?? DEFAULT_LOCK_WAIT_MS);
+    const speculative = opts.speculative ?? (process.getuid?.() === 0 && nativeAvailable());
+    const store = new Store(root, opts.logger, opts.lockWaitMs ?? DEFAULT_LOCK_WAIT_MS, speculative);
     try {
       const l = store.layout;
       for (const d of [l.layersDir, l.configsDir, l.stagingDir, l.bundlesDir]) await mkdir(d, { recursive: true, mode: 0o700 });
@@ -278,26 +310,69 @@ export class Store {
   }
 
   /**
-   * Make sure every layer of a stack (bottom first) is in the store, unpacking the missing ones in
-   * order, each on top of its parents. The caller has leased them (leaseBundle).
+   * Make sure every layer of a stack (bottom first) is in the store. The caller has leased them
+   * (leaseBundle). Missing layers are unpacked each on top of its parents; with speculative builds
+   * a layer starts as soon as the one below it holds a layer slot (so the layers of one image use
+   * every slot), otherwise one after another. The first failure aborts the others and is thrown
+   * once every one of them has stopped (no staging is left behind).
    */
   async ensureLayers(specs: readonly LayerSpec[], logger: Logger, signal?: AbortSignal): Promise<void> {
-    const done: string[] = [];
-    for (const spec of specs) {
-      signal?.throwIfAborted();
-      await this.ensureLayer(spec, done.slice(), logger, signal);
-      done.push(chainHex(spec.chainId));
+    if (!this.speculative || specs.length < 2) {
+      const done: string[] = [];
+      for (const spec of specs) {
+        signal?.throwIfAborted();
+        await this.ensureLayer(spec, done.slice(), undefined, () => undefined, logger, signal);
+        done.push(chainHex(spec.chainId));
+      }
+      return;
     }
+    const ctl = new AbortController();
+    const onAbort = (): void => ctl.abort(signal?.reason);
+    if (signal?.aborted) onAbort();
+    signal?.addEventListener('abort', onAbort, { once: true });
+    const running: Promise<void>[] = [];
+    let failure: { error: unknown } | undefined;
+    try {
+      const parents: string[] = [];
+      let below: Promise<void> | undefined;
+      for (const spec of specs) {
+        if (failure || ctl.signal.aborted) break;
+        let markStarted!: () => void;
+        const started = new Promise<void>((resolve) => (markStarted = resolve));
+        const p = this.ensureLayer(spec, parents.slice(), below, markStarted, logger, ctl.signal);
+        p.then(markStarted, (e: unknown) => {
+          markStarted();
+          if (failure) return;
+          failure = { error: e };
+          ctl.abort(e);
+        });
+        running.push(p);
+        below = p;
+        parents.push(chainHex(spec.chainId));
+        await started;
+      }
+      await Promise.allSettled(running);
+    } finally {
+      signal?.removeEventListener('abort', onAbort);
+    }
+    if (failure) throw failure.error;
+    signal?.throwIfAborted();
   }
 
-  private async ensureLayer(spec: LayerSpec, parents: string[], logger: Logger, signal?: AbortSignal): Promise<void> {
+  /**
+   * One layer: already in the store, being unpacked by another pull of this process (wait for
+   * it), or unpacked here. `below`: the layer under it is still being ensured (a speculative
+   * build waits for it before it publishes); `started`: called once the layer holds a slot or is done.
+   */
+  private async ensureLayer(spec: LayerSpec, parents: string[], below: Promise<void> | undefined, started: () => void, logger: Logger, signal?: AbortSignal): Promise<void> {
     const hex = chainHex(spec.chainId);
     for (;;) {
       const running = this.building.get(hex);
       if (running) {
         logger.info({ layer: spec.layerDigest, chainId: spec.chainId }, 'waiting for another pull unpacking the same layer');
+        void running.started.then(started);
         try {
-          await abortable(running, signal);
+          await abortable(running.done, signal);
           return;
         } catch (e) {
           if (signal?.aborted) throw e;
@@ -309,10 +384,19 @@ export class Store {
         return;
       }
       if (this.building.has(hex)) continue; // started while we looked
-      const p = this.build(hex, spec, parents, logger, signal).finally(() => this.building.delete(hex));
-      this.building.set(hex, p);
-      p.catch(() => undefined);
-      await p;
+      let markStarted!: () => void;
+      const startedHere = new Promise<void>((resolve) => (markStarted = resolve));
+      const onStarted = (): void => {
+        markStarted();
+        started();
+      };
+      const done = this.build(hex, spec, parents, below, onStarted, logger, signal).finally(() => {
+        markStarted();
+        this.building.delete(hex);
+      });
+      this.building.set(hex, { done, started: startedHere });
+      done.catch(() => undefined);
+      await done;
       return;
     }
   }
@@ -326,8 +410,8 @@ export class Store {
     return this.probe?.ok ? this.probe.bundleOptions : [];
   }
 
-  private async build(hex: string, spec: LayerSpec, parents: string[], logger: Logger, signal?: AbortSignal): Promise<void> {
-    const started = performance.now();
+  private async build(hex: string, spec: LayerSpec, parents: string[], below: Promise<void> | undefined, started: () => void, logger: Logger, signal?: AbortSignal): Promise<void> {
+    const t0 = performance.now();
     const dir = path.join(this.layout.stagingDir, stagingName(ownerTag(), randomBytes(8).toString('hex')));
     const layer = path.join(dir, 'layer');
     const diff = path.join(layer, 'diff');
@@ -338,12 +422,46 @@ export class Store {
       await mkdir(dir, { mode: 0o700 });
       for (const d of [layer, diff, work, merged]) await mkdir(d, { mode: 0o700 });
       const top = parents[parents.length - 1];
-      copyRootMeta(top === undefined ? undefined : this.layout.layerDiff(top), diff);
+      const speculative = top !== undefined && below !== undefined && (await validLayer(this.layout, top)) === undefined;
+      copyRootMeta(top === undefined || speculative ? undefined : this.layout.layerDiff(top), diff);
       let result: UnpackResult;
       if (top === undefined) {
         // A base layer has nothing below it: an overlay over an empty lower would write exactly
         // this (the applier refuses char 0:0 devices and overlay xattrs itself), only slower.
-        result = await spec.unpack(diff, signal);
+        result = await spec.unpack(diff, signal, { started });
+      } else if (speculative) {
+        // The parents are still being unpacked: start on our own (./speculative.ts).
+        const ready = async (): Promise<void> => {
+          await abortable(below, signal);
+          if ((await validLayer(this.layout, top)) === undefined) {
+            throw new GuestpullError(ErrorCode.INTERNAL, `layer ${spec.layerDigest}: its parent layer ${top} is not in the store after it was unpacked`, { layer: spec.layerDigest });
+          }
+        };
+        const lower = async (rootEntry: boolean): Promise<LowerSwitch> => {
+          await ready();
+          const mergedDirs = await this.mergeSpeculative(diff, parents, rootEntry, dir);
+          const lowers = parents.map((h) => this.layout.layerDiff(h)).reverse();
+          mountOverlay({ lowers, upper: diff, work, options: this.buildOptions() }, merged, this.layout.layersDir);
+          mounted = true;
+          return { root: merged, merged: mergedDirs };
+        };
+        try {
+          result = await spec.unpack(diff, signal, { started, lower });
+        } finally {
+          if (mounted) unmountQuietly(merged);
+          mounted = false;
+        }
+        const unpacked = performance.now();
+        let waitedMs = 0;
+        if (!result.switched) {
+          await ready();
+          waitedMs = Math.round(performance.now() - unpacked);
+          await this.mergeSpeculative(diff, parents, result.rootEntry ?? false, dir);
+        }
+        logger.debug(
+          { layer: spec.layerDigest, chainId: spec.chainId, neededParents: result.switched ?? false, waitedMs, mergeMs: Math.round(performance.now() - unpacked) - waitedMs },
+          'layer unpacked beside its parents',
+        );
       } else {
         const lowers = parents.map((h) => this.layout.layerDiff(h)).reverse();
         try {
@@ -354,13 +472,14 @@ export class Store {
         }
         mounted = true;
         try {
-          result = await spec.unpack(merged, signal);
+          result = await spec.unpack(merged, signal, { started });
         } finally {
           unmountQuietly(merged);
           mounted = false;
         }
       }
       signal?.throwIfAborted();
+      const summaryStart = performance.now();
       const record: LayerRecord = {
         version: RECORD_VERSION,
         chainId: spec.chainId,
@@ -376,16 +495,33 @@ export class Store {
         // What `guestpull fsck` checks the published tree against.
         tree: await summarizeTree(diff),
       };
+      const summaryMs = Math.round(performance.now() - summaryStart);
       await writeJsonAtomic(path.join(layer, path.basename(this.layout.layerRecord(hex))), record);
       await this.publish(hex, layer, dir);
       logger.info(
-        { layer: spec.layerDigest, chainId: spec.chainId, bytes: spec.compressedBytes, uncompressed: result.uncompressedBytes, entries: result.entries, ms: Math.round(performance.now() - started) },
+        { layer: spec.layerDigest, chainId: spec.chainId, bytes: spec.compressedBytes, uncompressed: result.uncompressedBytes, entries: result.entries, ms: Math.round(performance.now() - t0), summaryMs },
         'layer unpacked into the store',
       );
     } finally {
       if (mounted) unmountQuietly(merged);
       // Never recurse into a mount: if the build mount could not be taken down, cleanup does it later.
       if (mountsUnder(readMounts(), dir).length === 0) await rm(dir, { recursive: true, force: true }).catch(() => undefined);
+    }
+  }
+
+  /**
+   * Merge a speculatively unpacked upper onto its complete parents (./speculative.ts): one parent
+   * is its own directory; several are seen through a read-only overlay mounted in `staging`.
+   */
+  private async mergeSpeculative(upper: string, parents: readonly string[], rootEntry: boolean, staging: string): Promise<string[]> {
+    if (parents.length === 1) return mergeOntoLower(upper, this.layout.layerDiff(parents[0]!), rootEntry);
+    const view = path.join(staging, 'lower');
+    await mkdir(view, { mode: 0o700 });
+    mountLowerView(parents.map((h) => this.layout.layerDiff(h)).reverse(), view, this.layout.layersDir);
+    try {
+      return mergeOntoLower(upper, view, rootEntry);
+    } finally {
+      unmountQuietly(view);
     }
   }
 
