@@ -227,4 +227,45 @@ describe('LayerWorkers', () => {
     await withSlot((s) => applyIn(s, options(Readable.from([sb]), small, sb)));
     expect(fs.readFileSync(path.join(root, 'again'), 'utf8')).toBe('ok');
   });
+  it('a speculative layer in a worker asks the main thread for its parents once and goes on where it is told', async () => {
+    const t = await packTar([
+      { name: 'own/', type: 'directory', mode: 0o750 },
+      { name: 'own/a', content: 'alone' },
+      { name: 'own/.wh.lower-file' },
+      { name: 'usr/lib/needs-parent', content: 'after' },
+      { name: 'own/b', content: 'after too' },
+    ]);
+    const blob = zlib.gzipSync(t);
+    const merged = path.join(base, 'merged');
+    fs.mkdirSync(path.join(merged, 'usr/lib'), { recursive: true });
+    const asked: boolean[] = [];
+    const lower = async (rootEntry: boolean): Promise<{ root: string; merged: string[] }> => {
+      asked.push(rootEntry);
+      // What the store does: the entries so far are in the upper; go on in the "build overlay".
+      fs.cpSync(root, merged, { recursive: true, filter: (src) => !fs.lstatSync(src).isCharacterDevice() });
+      return { root: merged, merged: [] };
+    };
+    const r = await withSlot((s) => applyIn(s, options(Readable.from([blob]), t, blob, { lower })));
+    expect(asked).toEqual([false]);
+    expect(r.switched).toBe(true);
+    expect(r.rootEntry).toBe(false);
+    // before the switch: written alone into the upper, the whiteout as overlayfs writes it
+    expect(fs.readFileSync(path.join(root, 'own/a'), 'utf8')).toBe('alone');
+    const wh = fs.lstatSync(path.join(root, 'own/lower-file'));
+    expect(wh.isCharacterDevice() && wh.rdev === 0).toBe(true);
+    // from the entry that needed the parents on: in the root the main thread gave
+    expect(fs.readFileSync(path.join(merged, 'usr/lib/needs-parent'), 'utf8')).toBe('after');
+    expect(fs.readFileSync(path.join(merged, 'own/b'), 'utf8')).toBe('after too');
+    expect(fs.existsSync(path.join(root, 'usr'))).toBe(false);
+    expect(fs.statSync(path.join(merged, 'own')).mode & 0o7777).toBe(0o750);
+  });
+
+  it('a speculative layer whose parents fail fails with their error', async () => {
+    const t = await packTar([{ name: 'implied/x', content: 'x' }]);
+    const blob = zlib.gzipSync(t);
+    const lower = (): Promise<{ root: string; merged: string[] }> => Promise.reject(new GuestpullError('UNAVAILABLE', 'parent layer sha256:cd failed: connection reset (test)'));
+    const err = (await withSlot((s) => applyIn(s, options(Readable.from([blob]), t, blob, { lower }))).catch((e: unknown) => e)) as GuestpullErrorType;
+    expect(err.code).toBe('UNAVAILABLE');
+    expect(err.message).toContain('parent layer sha256:cd failed');
+  });
 });
