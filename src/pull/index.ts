@@ -372,6 +372,10 @@ export class Puller {
     const lease = await store.leaseBundle({ bundle: c.bundle, chainIds: specs.map((s) => s.chainId), image: c.image, manifestDigest, configDigest });
     let undo: (() => Promise<void>) | undefined;
     try {
+      // Layers of one image are unpacked side by side (speculative builds): have the threads ready.
+      let missing = 0;
+      for (const s of specs) if (!(await store.layer(s.chainId))) missing++;
+      if (missing > 1) this.workers.prewarm(missing - 1);
       await store.ensureLayers(specs, c.log, c.signal);
       c.signal?.throwIfAborted();
       const ob = await mountOverlayBundle({ store, lease, bundle: c.bundle, image: c.image, logger: c.log });

@@ -18,6 +18,7 @@ import { silentLogger } from '../../src/log.js';
 import { llistxattr, lgetxattr, MNT_DETACH, nativeAvailable, umount } from '../../src/native/index.js';
 import { applyLayer } from '../../src/pull/layers/index.js';
 import { chainIds, Store, type LayerSpec, type UnpackHooks } from '../../src/pull/store/index.js';
+import { summarizeTree } from '../../src/pull/store/fsck.js';
 import { mountsUnder, readMounts } from '../../src/pull/store/mountinfo.js';
 import { mountLowerView, unmountQuietly } from '../../src/pull/store/overlay.js';
 import { buildLayer, type BuiltLayer, type EntrySpec } from '../helpers/image-builder.js';
@@ -111,6 +112,11 @@ async function build(layers: BuiltLayer[], speculative: boolean): Promise<Built>
   try {
     await store.ensureLayers(specs, silentLogger());
     const dirs = chain.map((c) => store.layout.layerDiff(c.slice('sha256:'.length))).reverse();
+    // What fsck checks: every recorded tree summary is the published tree's.
+    for (const c of chain) {
+      const rec = await store.layer(c);
+      expect(rec?.tree, `record of ${c}`).toEqual(await summarizeTree(store.layout.layerDiff(c.slice('sha256:'.length))));
+    }
     let view = dirs[0]!;
     if (dirs.length > 1) {
       view = path.join(workDir, 'view');

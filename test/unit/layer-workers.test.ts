@@ -268,4 +268,15 @@ describe('LayerWorkers', () => {
     expect(err.code).toBe('UNAVAILABLE');
     expect(err.message).toContain('parent layer sha256:cd failed');
   });
+  it('prewarm starts idle workers that the next acquires use (no second thread), at most the pool size', async () => {
+    const internals = pool as unknown as { all: Set<unknown>; idle: unknown[] };
+    pool.prewarm(5);
+    expect(internals.all.size).toBe(2);
+    expect(internals.idle.length).toBe(2);
+    const t = await packTar([{ name: 'warm', content: 'w' }]);
+    const blob = zlib.gzipSync(t);
+    await withSlot((s) => applyIn(s, options(Readable.from([blob]), t, blob)));
+    expect(fs.readFileSync(path.join(root, 'warm'), 'utf8')).toBe('w');
+    expect(internals.all.size).toBe(2);
+  });
 });

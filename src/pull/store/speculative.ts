@@ -36,25 +36,28 @@ function overlayPrivate(name: string): boolean {
   return name.startsWith('trusted.overlay.') || name.startsWith('user.overlay.');
 }
 
-/** Copy up the xattrs of lower directory `from` that `to` does not have (what a kernel copy-up keeps). */
-function copyUpXattrs(from: string, to: string): void {
+/** Copy up the xattrs of lower directory `from` that `to` does not have (what a kernel copy-up keeps); how many. */
+function copyUpXattrs(from: string, to: string): number {
   let names: string[];
   try {
     names = llistxattr(from);
   } catch (e) {
-    if (notSupported(e)) return;
+    if (notSupported(e)) return 0;
     throw e;
   }
+  let copied = 0;
   for (const name of names) {
     if (overlayPrivate(name) || lgetxattr(to, name) !== undefined) continue;
     const value = lgetxattr(from, name);
     if (value === undefined) continue;
     try {
       lsetxattr(to, name, value);
+      copied++;
     } catch (e) {
       if (!notSupported(e)) throw e;
     }
   }
+  return copied;
 }
 
 /**
@@ -62,30 +65,49 @@ function copyUpXattrs(from: string, to: string): void {
  * overlayfs hides whiteouts only in directories it merges, so in a directory with nothing lower,
  * or an opaque one, `ls` would show them.
  */
-function dropWhiteouts(dir: string): void {
+function dropWhiteouts(dir: string): number {
+  let n = 0;
   for (const d of fs.readdirSync(dir, { withFileTypes: true })) {
     const p = `${dir}/${d.name}`;
-    if (d.isDirectory()) dropWhiteouts(p);
-    else if (d.isCharacterDevice() && fs.lstatSync(p).rdev === 0) fs.unlinkSync(p);
+    if (d.isDirectory()) n += dropWhiteouts(p);
+    else if (d.isCharacterDevice() && fs.lstatSync(p).rdev === 0) {
+      fs.unlinkSync(p);
+      n++;
+    }
   }
+  return n;
 }
 
 function isOpaque(dir: string): boolean {
   return lgetxattr(dir, OPAQUE)?.toString('latin1') === 'y';
 }
 
+export interface MergeResult {
+  /** Host paths of the upper directories that merge with a lower directory. */
+  merged: string[];
+  /** Whether the upper changed at all (a tree summary taken before is still right if not). */
+  changed: boolean;
+}
+
 /**
  * Merge the speculatively written `upper` onto `lower` (the merged view of the complete parents:
  * the one parent's directory, or a read-only overlay of them). `rootEntry`: the layer set its
- * root's metadata itself. Returns the host paths of the upper directories that merge with a lower
- * directory.
+ * root's metadata itself.
  */
-export function mergeOntoLower(upper: string, lower: string, rootEntry: boolean): string[] {
+export function mergeOntoLower(upper: string, lower: string, rootEntry: boolean): MergeResult {
   const merged: string[] = [];
+  let changes = 0;
   if (!rootEntry) {
     const st = fs.lstatSync(lower);
-    if (process.getuid?.() === 0) fs.chownSync(upper, st.uid, st.gid);
-    fs.chmodSync(upper, st.mode & 0o7777);
+    const before = fs.lstatSync(upper);
+    if (process.getuid?.() === 0 && (before.uid !== st.uid || before.gid !== st.gid)) {
+      fs.chownSync(upper, st.uid, st.gid);
+      changes++;
+    }
+    if ((before.mode & 0o7777) !== (st.mode & 0o7777) || changes > 0) {
+      fs.chmodSync(upper, st.mode & 0o7777);
+      changes++;
+    }
   }
   const visit = (u: string, l: string): void => {
     for (const d of fs.readdirSync(u, { withFileTypes: true })) {
@@ -94,20 +116,23 @@ export function mergeOntoLower(upper: string, lower: string, rootEntry: boolean)
       const lc = `${l}/${d.name}`;
       const st = lstatOrNull(lc);
       if (st === null) {
-        dropWhiteouts(uc);
+        changes += dropWhiteouts(uc);
         continue;
       }
       if (!st.isDirectory()) {
-        lsetxattr(uc, OPAQUE, Buffer.from('y'));
-        dropWhiteouts(uc);
+        if (!isOpaque(uc)) {
+          lsetxattr(uc, OPAQUE, Buffer.from('y'));
+          changes++;
+        }
+        changes += dropWhiteouts(uc);
         continue;
       }
-      copyUpXattrs(lc, uc);
+      changes += copyUpXattrs(lc, uc);
       merged.push(uc);
-      if (isOpaque(uc)) dropWhiteouts(uc);
+      if (isOpaque(uc)) changes += dropWhiteouts(uc);
       else visit(uc, lc);
     }
   };
   if (!isOpaque(upper)) visit(upper, lower);
-  return merged;
+  return { merged, changed: changes > 0 };
 }

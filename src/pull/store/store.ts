@@ -22,13 +22,13 @@ import type { Snapshotter } from '../../config/index.js';
 import { asGuestpullError, ErrorCode, GuestpullError } from '../../errors.js';
 import type { Logger } from '../../log.js';
 import { collectGarbage, stagingName, validLayer, type GcReport } from './cleanup.js';
-import { summarizeTree } from './fsck.js';
+import { summarizeTree, type TreeSummary } from './fsck.js';
 import { ConfigCache } from './configs.js';
 import { chainHex, Layout } from './layout.js';
 import { acquireLock, LocalQueue, ownerTag } from './lock.js';
 import { mountsUnder, readMounts } from './mountinfo.js';
 import { mountLowerView, mountOverlay, planMount, probeOverlay, unmountQuietly, type ProbeResult } from './overlay.js';
-import { mergeOntoLower } from './speculative.js';
+import { mergeOntoLower, type MergeResult } from './speculative.js';
 import { nativeAvailable } from '../../native/index.js';
 import type { LowerSwitch } from '../layers/index.js';
 import { BundleRecord, LayerRecord, readRecord, RECORD_VERSION, writeJsonAtomic } from './records.js';
@@ -425,6 +425,8 @@ export class Store {
       const speculative = top !== undefined && below !== undefined && (await validLayer(this.layout, top)) === undefined;
       copyRootMeta(top === undefined || speculative ? undefined : this.layout.layerDiff(top), diff);
       let result: UnpackResult;
+      /** The tree summary, when a speculative build already has it. */
+      let tree: TreeSummary | undefined;
       if (top === undefined) {
         // A base layer has nothing below it: an overlay over an empty lower would write exactly
         // this (the applier refuses char 0:0 devices and overlay xattrs itself), only slower.
@@ -439,7 +441,7 @@ export class Store {
         };
         const lower = async (rootEntry: boolean): Promise<LowerSwitch> => {
           await ready();
-          const mergedDirs = await this.mergeSpeculative(diff, parents, rootEntry, dir);
+          const { merged: mergedDirs } = await this.mergeSpeculative(diff, parents, rootEntry, dir);
           const lowers = parents.map((h) => this.layout.layerDiff(h)).reverse();
           mountOverlay({ lowers, upper: diff, work, options: this.buildOptions() }, merged, this.layout.layersDir);
           mounted = true;
@@ -454,9 +456,11 @@ export class Store {
         const unpacked = performance.now();
         let waitedMs = 0;
         if (!result.switched) {
+          // Summarize while the parents are still busy: the merge rarely changes anything.
+          const before = await summarizeTree(diff);
           await ready();
           waitedMs = Math.round(performance.now() - unpacked);
-          await this.mergeSpeculative(diff, parents, result.rootEntry ?? false, dir);
+          if (!(await this.mergeSpeculative(diff, parents, result.rootEntry ?? false, dir)).changed) tree = before;
         }
         logger.debug(
           { layer: spec.layerDigest, chainId: spec.chainId, neededParents: result.switched ?? false, waitedMs, mergeMs: Math.round(performance.now() - unpacked) - waitedMs },
@@ -493,7 +497,7 @@ export class Store {
         entries: result.entries,
         created: new Date().toISOString(),
         // What `guestpull fsck` checks the published tree against.
-        tree: await summarizeTree(diff),
+        tree: tree ?? (await summarizeTree(diff)),
       };
       const summaryMs = Math.round(performance.now() - summaryStart);
       await writeJsonAtomic(path.join(layer, path.basename(this.layout.layerRecord(hex))), record);
@@ -513,7 +517,7 @@ export class Store {
    * Merge a speculatively unpacked upper onto its complete parents (./speculative.ts): one parent
    * is its own directory; several are seen through a read-only overlay mounted in `staging`.
    */
-  private async mergeSpeculative(upper: string, parents: readonly string[], rootEntry: boolean, staging: string): Promise<string[]> {
+  private async mergeSpeculative(upper: string, parents: readonly string[], rootEntry: boolean, staging: string): Promise<MergeResult> {
     if (parents.length === 1) return mergeOntoLower(upper, this.layout.layerDiff(parents[0]!), rootEntry);
     const view = path.join(staging, 'lower');
     await mkdir(view, { mode: 0o700 });
