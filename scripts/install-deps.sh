@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what guestpull's build, tests and demo need, only where it is missing:
-#   Debian packages: the real servers and peers the tests run against;
+#   Debian packages: the real servers and peers the tests run against, and ISA-L (libisal-dev)
+#     for the native addon's gunzip;
 #   npm packages: from package-lock.json.
 # Idempotent; safe to run on every test run.
 set -euo pipefail
@@ -19,9 +20,17 @@ declare -A NEED=(
   [mount]=mount
   [zstd]=zstd
 )
+# file → Debian package that provides it (packages with no command)
+declare -A NEED_FILE=(
+  # ISA-L's igzip header: the native addon's gunzip builds against it and dlopens libisal.so.2
+  [/usr/include/isa-l/igzip_lib.h]=libisal-dev
+)
 missing=()
 for cmd in "${!NEED[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || missing+=("${NEED[$cmd]}")
+done
+for file in "${!NEED_FILE[@]}"; do
+  [ -e "$file" ] || missing+=("${NEED_FILE[$file]}")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then

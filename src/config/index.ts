@@ -89,7 +89,7 @@ export interface Config {
     maxConcurrentLayerDownloadsPerImage: number;
     /** overlay mount of the layer store, flattened copy, or auto (overlay when the kernel allows). */
     snapshotter: Snapshotter;
-    /** Layer worker threads beside the daemon's own; undefined: cores - 1 (1 to 8). 0: none. */
+    /** Layer worker threads beyond the daemon thread's two layers at once; undefined: cores - 2 (0 to 8). 0: none. */
     unpackThreads?: number;
     imagePullProxy?: ImagePullProxy;
     extraRootCertificates: string[];

@@ -54,8 +54,8 @@ export const ImageSection = z.object({
    */
   snapshotter: z.enum(['overlay', 'copy', 'auto'], { error: 'expected "overlay", "copy" or "auto"' }).optional(),
   /**
-   * guestpull extension: worker threads that unpack layers while the daemon's own thread is
-   * unpacking another (0: all in the daemon's thread). Default: cores - 1, 1 to 8.
+   * guestpull extension: worker threads that unpack layers beyond the two the daemon's own thread
+   * unpacks at once (0: all in the daemon's thread). Default: cores - 2, 0 to 8.
    */
   unpack_threads: z.number().int().min(0).max(64).optional(),
   image_pull_proxy: z

@@ -28,7 +28,7 @@ import { RegistryClient, currentPlatform, resolveImage, type Credentials, type R
 import type { Descriptor } from '../oci.js';
 import { Transport } from './distribution/transport/index.js';
 import { applyLayer, type ApplyLayerOptions, type ApplyLayerResult } from './layers/index.js';
-import { defaultWorkerCount, LayerWorkers } from './layers/workers.js';
+import { defaultWorkerCount, MAIN_SLOTS, LayerWorkers } from './layers/workers.js';
 import { candidatesFor, type Candidate } from './registries/index.js';
 import { loadRegistryConfiguration } from './registries/load.js';
 import { createStaging, removeStaleStaging } from './stage.js';
@@ -101,7 +101,7 @@ export class Puller {
     this.logger = opts.logger;
     this.pullWarnings = opts.pullWarnings ?? [];
     this.bundleRoots = resolveBundleRoots(opts.bundleRoots ?? []);
-    this.workers = new LayerWorkers(opts.config.image.unpackThreads ?? defaultWorkerCount(), { mainFirst: true });
+    this.workers = new LayerWorkers(opts.config.image.unpackThreads ?? defaultWorkerCount(), { mainFirst: true, mainSlots: MAIN_SLOTS });
     this.inflight = new Coalescer<PullResult>({
       onJoin: (bundle, image, callers) => this.logger.info({ image, bundle, callers }, 'joining identical pull already in progress'),
       onAbandon: (bundle, image) => this.logger.info({ image, bundle }, 'every caller of this pull has gone: stopping it'),

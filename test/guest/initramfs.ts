@@ -3,7 +3,8 @@
  * them one after the other):
  *   base (cached in the cache dir, rebuilt only when an input changes): busybox-static and its
  *     applet links, the host's `node` (a stripped copy) with the libraries and loader `ldd` lists,
- *     the guest kernel's modules, /dev/console;
+ *     ISA-L's libisal.so.2 (the native addon dlopens it for gunzip, so ldd does not list it), the
+ *     guest kernel's modules, /dev/console;
  *   app (every run, ~20 MB): /init, the built project (dist/, protos/, package.json, the native
  *     addon in build/Release) with its production node_modules only (from package-lock.json, without
  *     typings, maps, docs and native sources), the agent stand-in and its plan.
@@ -19,7 +20,7 @@ import { fileURLToPath } from 'node:url';
 import { cpioArchive, type CpioEntry } from './cpio.js';
 
 /** Bump when the base layout changes, so cached bases are rebuilt. */
-const BASE_FORMAT = 1;
+const BASE_FORMAT = 2;
 const BUSYBOX = '/bin/busybox';
 export const GUEST_MODULES = [
   'virtio_ring', 'virtio', 'virtio_pci_modern_dev', 'virtio_pci_legacy_dev', 'virtio_pci',
@@ -61,6 +62,24 @@ function sharedLibraries(binary: string): string[] {
   return libs;
 }
 
+/** Libraries loaded with dlopen (ldd cannot see them): copied when the host has them, else the guest goes without. */
+const DLOPENED = ['libisal.so.2'] as const;
+
+/** Where the host's dynamic loader finds `soname` (from `ldconfig -p`), or undefined. */
+function dlopenedLibrary(soname: string): string | undefined {
+  let out: string;
+  try {
+    out = execFileSync('ldconfig', ['-p'], { encoding: 'utf8' });
+  } catch {
+    return undefined;
+  }
+  for (const line of out.split('\n')) {
+    const m = /^\s*(\S+)\s+\(([^)]*)\)\s+=>\s+(\/\S+)$/.exec(line);
+    if (m && m[1] === soname && (process.arch !== 'x64' || m[2]!.includes('x86-64')) && existsSync(m[3]!)) return m[3];
+  }
+  return undefined;
+}
+
 async function fileKey(file: string): Promise<string> {
   const st = await stat(file);
   return `${file}:${st.size}:${st.mtimeMs}:${st.ino}`;
@@ -87,6 +106,10 @@ async function baseEntries(opts: InitramfsOptions, node: string): Promise<{ entr
     .split('\n')
     .filter((l) => l.includes('/') && l !== 'bin/busybox');
   const libs = sharedLibraries(node);
+  for (const soname of DLOPENED) {
+    const lib = dlopenedLibrary(soname);
+    if (lib !== undefined && !libs.includes(lib)) libs.push(lib);
+  }
   const modules = GUEST_MODULES.map((m) => path.join(opts.modulesDir, `${m}.ko`));
   const entries: CpioEntry[] = [
     ...['proc', 'sys', 'dev', 'run', 'root', 'etc'].map((p): CpioEntry => ({ type: 'dir', path: p })),

@@ -189,7 +189,7 @@ describe('parseConfig: defaults', () => {
     expect(ignored).toEqual([]);
   });
 
-  it('unpack_threads: unset by default (the daemon picks cores - 1), 0 and numbers kept', () => {
+  it('unpack_threads: unset by default (the daemon picks cores - 2), 0 and numbers kept', () => {
     expect(parseConfig('', 't').config.image.unpackThreads).toBeUndefined();
     expect(parseConfig('[image]\nunpack_threads = 0\n', 't').config.image.unpackThreads).toBe(0);
     expect(parseConfig('[image]\nunpack_threads = 3\n', 't').config.image.unpackThreads).toBe(3);

@@ -1,7 +1,8 @@
 /**
  * The digest-and-bound stage between decompression and the tar parser: hashes every uncompressed
- * byte (for the diff_id check), counts them, and stops a layer that inflates past its bounds
- * (absolute size, and the uncompressed/compressed ratio once more than 1 MiB has flowed).
+ * byte (for the diff_id check; unless the decompressor hashes them itself: ./gunzip.ts), counts
+ * them, and stops a layer that inflates past its bounds (absolute size, and the
+ * uncompressed/compressed ratio once more than 1 MiB has flowed).
  */
 import { createHash, type Hash } from 'node:crypto';
 import { Transform, type TransformCallback } from 'node:stream';
@@ -13,7 +14,7 @@ export const RATIO_GRACE_BYTES = 1024 * 1024;
 
 export class HashCounter extends Transform {
   bytes = 0;
-  private readonly hash: Hash;
+  private readonly hash: Hash | null;
 
   constructor(
     algorithm: 'sha256' | 'sha512',
@@ -22,9 +23,11 @@ export class HashCounter extends Transform {
     private readonly ctx: LayerContext,
     /** false for uncompressed layers: the ratio means nothing there */
     private readonly checkRatio: boolean,
+    /** false: count and bound only, the stage before hashes (digestHex() then throws) */
+    hash = true,
   ) {
     super({ highWaterMark: 256 * 1024 });
-    this.hash = createHash(algorithm);
+    this.hash = hash ? createHash(algorithm) : null;
   }
 
   override _transform(chunk: Buffer, _enc: BufferEncoding, cb: TransformCallback): void {
@@ -49,12 +52,13 @@ export class HashCounter extends Transform {
       );
       return;
     }
-    this.hash.update(chunk);
+    this.hash?.update(chunk);
     cb(null, chunk);
   }
 
   /** The hex digest; call once, after the stream has finished. */
   digestHex(): string {
+    if (this.hash === null) throw new GuestpullError(ErrorCode.INTERNAL, `layer ${this.ctx.layer}: this counter was made not to hash`);
     return this.hash.digest('hex');
   }
 }

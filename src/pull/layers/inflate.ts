@@ -1,6 +1,7 @@
 /**
- * The first half of the layer pipeline: compressed blob → gunzip | zstd | nothing → HashCounter
- * (diff_id digest, size and ratio bounds) → `sink` (the tar applier: ./index.ts).
+ * The first half of the layer pipeline: compressed blob → gunzip (ISA-L: ./gunzip.ts, else Node's
+ * zlib) | zstd | nothing → HashCounter (diff_id digest, size and ratio bounds) → `sink` (the tar
+ * applier: ./index.ts).
  *
  * Errors come out classified: data that does not decompress is BAD_IMAGE naming the layer; a
  * failed download is the downloader's own GuestpullError (or UNAVAILABLE naming the layer); the
@@ -12,6 +13,7 @@ import zlib from 'node:zlib';
 import { asGuestpullError, ErrorCode, GuestpullError } from '../../errors.js';
 import type { Compression } from '../../oci.js';
 import type { LayerContext, LayerLimits } from './entry.js';
+import { gunzipImplementation, gunzipStage } from './gunzip.js';
 import { HashCounter } from './hash.js';
 import { zstdDecompress } from './zstd.js';
 
@@ -40,7 +42,10 @@ const GUNZIP_CHUNK = 1024 * 1024;
  */
 export async function inflateInto(source: Readable, sink: Writable, task: InflateTask, readAhead: number, signal?: AbortSignal): Promise<InflateResult> {
   const { ctx } = task;
-  const hasher = new HashCounter(task.algorithm, task.compressedSize, task.limits, ctx, task.compression !== 'none');
+  const isal = task.compression === 'gzip' && gunzipImplementation() === 'isal';
+  // ISA-L's stage hashes on the pool thread; everything else is hashed here.
+  const hasher = new HashCounter(task.algorithm, task.compressedSize, task.limits, ctx, task.compression !== 'none', !isal);
+  let nativeHex: string | undefined;
   let sourceError: unknown = null;
   let gunzipError: unknown = null;
   source.once('error', (e) => {
@@ -48,7 +53,9 @@ export async function inflateInto(source: Readable, sink: Writable, task: Inflat
   });
   const opts = signal ? { signal } : {};
   try {
-    if (task.compression === 'gzip') {
+    if (isal) {
+      await pipeline(source, gunzipStage(ctx, { algorithm: task.algorithm, done: (hex) => (nativeHex = hex) }), hasher, sink, opts);
+    } else if (task.compression === 'gzip') {
       const gunzipOpts: zlib.ZlibOptions & TransformOptions = { chunkSize: GUNZIP_CHUNK, readableHighWaterMark: readAhead };
       const gunzip = zlib.createGunzip(gunzipOpts);
       gunzip.once('error', (e) => {
@@ -61,7 +68,8 @@ export async function inflateInto(source: Readable, sink: Writable, task: Inflat
       await pipeline(source, hasher, sink, opts);
     }
   } catch (e) {
-    if (e === gunzipError && !(e instanceof GuestpullError)) {
+    // (pipeline destroys gunzip with a source error too: that one is the download's, not the data's)
+    if (e === gunzipError && e !== sourceError && !(e instanceof GuestpullError)) {
       throw new GuestpullError(ErrorCode.BAD_IMAGE, `layer ${ctx.layer} of ${ctx.image} is not valid gzip: ${(e as Error).message}`, { ...ctx }, { cause: e });
     }
     if (e === sourceError && !(e instanceof GuestpullError)) {
@@ -70,5 +78,6 @@ export async function inflateInto(source: Readable, sink: Writable, task: Inflat
     }
     throw e;
   }
-  return { hex: hasher.digestHex(), bytes: hasher.bytes };
+  if (isal && nativeHex === undefined) throw new GuestpullError(ErrorCode.INTERNAL, `layer ${ctx.layer} of ${ctx.image}: the gunzip stage ended without a digest`, { ...ctx });
+  return { hex: nativeHex ?? hasher.digestHex(), bytes: hasher.bytes };
 }
