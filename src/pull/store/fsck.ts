@@ -23,7 +23,7 @@
  * content digest (`--deep`) hashes the same lines with the sha256 hex of each regular file's
  * content (empty for other types) inserted before the `\n`.
  */
-import { createHash } from 'node:crypto';
+import { createHash, type Hash } from 'node:crypto';
 import { createReadStream, lstatSync, readdirSync, readlinkSync } from 'node:fs';
 import { lstat, open, readdir, realpath, rm, stat } from 'node:fs/promises';
 import type { BigIntStats } from 'node:fs';
@@ -217,8 +217,23 @@ async function fileSha256(file: string, size: bigint): Promise<string> {
   }
 }
 
-const NUL = Buffer.from([0]);
-const NL = Buffer.from('\n');
+/**
+ * One entry's line, fed to the hash piece by piece: path bytes, NUL, type, mode (4 octal digits),
+ * uid, gid, size, link target or device number, xattr count, each separated and ended by NUL, then
+ * per xattr its name and hex value, each ended by NUL (the caller adds the newline). No Buffer is
+ * made per entry: a layer of 50,000 entries made ~60 MiB of short-lived buffers (peak RSS) that way.
+ */
+function feedLine(h: Hash, key: Buffer, fields: string, extra: Buffer | string, xs: [string, Buffer][]): void {
+  h.update(key);
+  h.update(fields, 'latin1');
+  if (typeof extra === 'string') h.update(extra, 'latin1');
+  else h.update(extra);
+  h.update(`\0${xs.length}\0`, 'latin1');
+  for (const [name, value] of xs) {
+    h.update(name, 'utf8');
+    h.update(`\0${value.toString('hex')}\0`, 'latin1');
+  }
+}
 
 async function summarize(dir: string, content: boolean): Promise<TreeSummary> {
   const meta = createHash('sha256');
@@ -236,27 +251,15 @@ async function summarize(dir: string, content: boolean): Promise<TreeSummary> {
     const type = typeChar(st);
     const size = type === 'f' ? st.size : 0n;
     bytes += size;
-    let extra: Buffer = Buffer.alloc(0);
-    if (type === 'l') extra = readlinkSync(abs, { encoding: 'buffer' });
-    else if (type === 'c' || type === 'b') extra = Buffer.from(st.rdev.toString(), 'latin1');
+    const extra: Buffer | string = type === 'l' ? readlinkSync(abs, { encoding: 'buffer' }) : type === 'c' || type === 'b' ? st.rdev.toString() : '';
     const xs = xattrs(abs);
-    const parts: Buffer[] = [
-      w.key, NUL,
-      Buffer.from(type, 'latin1'), NUL,
-      Buffer.from((Number(st.mode) & 0o7777).toString(8).padStart(4, '0'), 'latin1'), NUL,
-      Buffer.from(st.uid.toString(), 'latin1'), NUL,
-      Buffer.from(st.gid.toString(), 'latin1'), NUL,
-      Buffer.from(size.toString(), 'latin1'), NUL,
-      extra, NUL,
-      Buffer.from(String(xs.length), 'latin1'), NUL,
-    ];
-    for (const [name, value] of xs) parts.push(Buffer.from(name, 'utf8'), NUL, Buffer.from(value.toString('hex'), 'latin1'), NUL);
-    const line = Buffer.concat(parts);
-    meta.update(line).update(NL);
+    const fields = `\0${type}\0${(Number(st.mode) & 0o7777).toString(8).padStart(4, '0')}\0${st.uid}\0${st.gid}\0${size}\0`;
+    feedLine(meta, w.key, fields, extra, xs);
+    meta.update('\n');
     if (full) {
-      full.update(line);
+      feedLine(full, w.key, fields, extra, xs);
       if (type === 'f') full.update(await fileSha256(abs, st.size), 'latin1');
-      full.update(NL);
+      full.update('\n');
     }
   }
   const summary: TreeSummary = { entries: entries.length, bytes: Number(bytes), digest: meta.digest('hex') };

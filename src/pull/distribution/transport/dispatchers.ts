@@ -9,7 +9,7 @@
  * to open a tunnel, are remembered so the messages can blame the proxy rather than the registry.
  */
 import net from 'node:net';
-import { Agent, buildConnector, Pool, ProxyAgent, type Dispatcher } from 'undici';
+import { Agent, buildConnector, Pool, ProxyAgent, type BuildConnector, type Dispatcher } from './undici.js';
 import type { TimeoutsMs } from './errors.js';
 import type { Route } from './proxy.js';
 
@@ -115,7 +115,7 @@ export class Dispatchers {
     // Our own connector to the proxy: the same TLS trust, no IP-address SNI (RFC 6066), and every
     // failure marked as the proxy's.
     const toProxy = buildConnector(tlsOpts);
-    const connect: buildConnector.connector = (o, cb) => {
+    const connect: BuildConnector.connector = (o, cb) => {
       // '' lets undici derive the name from the host, which it leaves empty for IP addresses.
       const servername = o.servername !== undefined && net.isIP(o.servername) === 0 ? o.servername : '';
       toProxy({ ...o, servername }, (...args) => {

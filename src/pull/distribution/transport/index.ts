@@ -15,7 +15,7 @@ import { PassThrough, Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { X509Certificate } from 'node:crypto';
 import tls from 'node:tls';
-import type { Dispatcher } from 'undici';
+import type { Dispatcher } from './undici.js';
 import { DEFAULT_NETWORK } from '../../../config/index.js';
 import { ErrorCode, GuestpullError } from '../../../errors.js';
 import type { Logger } from '../../../log.js';
