@@ -112,17 +112,27 @@ const NAMES = Object.keys(IMAGES);
 const built = new Map<keyof typeof SHARED, BuiltLayer>();
 const baseLayer = (b: number): EntrySpec[] => [{ type: 'file', path: 'kill-base', content: `base ${b}\n` }];
 const expected = new Map<string, TreeEntry[]>();
-const pushed = new Set<string>();
+/**
+ * One push per image, shared: jobs of one iteration are made concurrently and may name the same
+ * image. Two concurrent pushes of the same blobs race inside the registry (its filesystem driver
+ * truncates and rewrites a blob's link file, so the other push's manifest PUT can read it empty
+ * and get DIGEST_INVALID / MANIFEST_BLOB_UNKNOWN).
+ */
+const pushed = new Map<string, Promise<void>>();
 
 /** `<registry>/kill/<name>:base<b>`, pushed on first use, and its expected tree. */
 async function image(name: string, b: number): Promise<{ ref: string; tree: TreeEntry[] }> {
   const tag = `base${b}`;
   const key = `${name}:${tag}`;
-  if (!pushed.has(key)) {
-    const layers = [await buildLayer(baseLayer(b)), ...IMAGES[name]!.map((l) => built.get(l)!)];
-    await pushImage(registry.url, `kill/${name}`, tag, await buildImage({ layers, config: { Cmd: [`/opt/${name}`] } }));
-    pushed.add(key);
+  let push = pushed.get(key);
+  if (push === undefined) {
+    push = (async () => {
+      const layers = [await buildLayer(baseLayer(b)), ...IMAGES[name]!.map((l) => built.get(l)!)];
+      await pushImage(registry.url, `kill/${name}`, tag, await buildImage({ layers, config: { Cmd: [`/opt/${name}`] } }));
+    })();
+    pushed.set(key, push);
   }
+  await push;
   if (!expected.has(key)) expected.set(key, expectedTreeFromLayers([baseLayer(b), ...IMAGES[name]!.map((l) => SHARED[l])]));
   return { ref: `${registry.host}/kill/${name}:${tag}`, tree: expected.get(key)! };
 }
