@@ -14,7 +14,7 @@ import { DEFAULT_IMAGE_LIMITS, parseConfig } from '../../src/config/index.js';
 import { lgetxattr, llistxattr, lsetxattr } from '../../src/native/index.js';
 import { LayerApplier } from '../../src/pull/layers/apply.js';
 import { DEFAULT_LAYER_LIMITS } from '../../src/pull/layers/index.js';
-import { TarFeeder } from '../../src/pull/layers/tarfeed.js';
+import { readTar } from '../../src/pull/layers/tar.js';
 import { applyTar, dataBlocks, LAYER_DIGEST, listTree, MTIME, packTar, paxData, rawHeader, rawTar, type PackEntry } from './_layers-tar.js';
 
 const isRoot = process.getuid?.() === 0;
@@ -71,7 +71,7 @@ const BINARY = Buffer.from([0x00, 0xff, 0xfe, 0x80, 0x0a, 0x3d, 0x20]);
 async function applyAs(tarBytes: Buffer, asRoot: boolean): Promise<LayerApplier> {
   const ctx = { image: 'registry.test/special:unit', layer: LAYER_DIGEST };
   const applier = new LayerApplier(root, ctx, DEFAULT_LAYER_LIMITS, { root: asRoot });
-  await pipeline(Readable.from([tarBytes]), new TarFeeder(ctx, (h, b) => applier.apply(h, b)));
+  await pipeline(Readable.from([tarBytes]), readTar(ctx, (h, b) => applier.apply(h, b)));
   await applier.finish();
   return applier;
 }

@@ -103,18 +103,20 @@ describe('applyLayer: zstd layers', () => {
     const good = zstdCli(t, '--check');
     const corrupt = Buffer.from(good);
     for (let i = 100; i < 140; i++) corrupt[i] = corrupt[i]! ^ 0x5a;
-    const cases: Array<[string, Buffer, string]> = [
-      ['corrupt', corrupt, 'not valid zstd'],
-      ['truncated', good.subarray(0, good.length - 10), 'middle of a frame'],
-      ['empty', Buffer.alloc(0), 'empty'],
-      ['gzip bytes', Buffer.from('1f8b0800000000000003', 'hex'), 'not valid zstd'],
+    // Corrupt bytes zstd does not notice at once (its checksum is at the frame's end) inflate to
+    // garbage, and the tar reader, which takes each chunk before the next is inflated, may see it first.
+    const cases: Array<[string, Buffer, RegExp]> = [
+      ['corrupt', corrupt, /not valid zstd|not a well-formed tar archive: a header checksum does not match/],
+      ['truncated', good.subarray(0, good.length - 10), /middle of a frame/],
+      ['empty', Buffer.alloc(0), /empty/],
+      ['gzip bytes', Buffer.from('1f8b0800000000000003', 'hex'), /not valid zstd/],
     ];
     for (const [what, blob, text] of cases) {
       const dir = path.join(base, what.replace(/ /g, '-'));
       fs.mkdirSync(dir);
       await expect(applyTar(dir, t, { blob, mediaType: MediaType.OCI_LAYER_ZSTD }), what).rejects.toMatchObject({
         code: 'BAD_IMAGE',
-        message: expect.stringContaining(text),
+        message: expect.stringMatching(text),
       });
     }
   });

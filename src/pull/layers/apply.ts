@@ -47,25 +47,23 @@
  *
  * Speed: verified parent directories are cached per layer (image path → host path) and the cache is
  * dropped whenever a directory or symlink is removed. Small metadata syscalls are made synchronously
- * (a few microseconds each; a thread-pool round trip costs ten times that); file data is written in
- * batches of up to 1 MiB.
+ * (a few microseconds each; a thread-pool round trip costs ten times that); file data is written
+ * straight from the decompressed chunks (one write per chunk a file spans, chunks of 1 MiB).
  *
  * System calls Node lacks (mknod, lsetxattr) come from guestpull's native addon (src/native).
  */
 import fs from 'node:fs';
 import { rm } from 'node:fs/promises';
 import path from 'node:path';
-import type { Header } from 'tar-stream';
 import { ErrorCode, GuestpullError } from '../../errors.js';
 import { lstatOrNull } from '../../fsutil.js';
 import { llistxattr, lremovexattr, lsetxattr, mknod, nativeAvailable } from '../../native/index.js';
 import { badEntry, limitHint, parseEntry, type LayerContext, type LayerEntry, type LayerLimits, type Xattr } from './entry.js';
 import { cleanEntryPath, MAX_SYMLINK_FOLLOWS, resolveInRoot, splitImagePath } from './rootpath.js';
-import type { EntryBody } from './tarfeed.js';
+import type { EntryBody, TarHeader } from './tar.js';
 
 const WHITEOUT_PREFIX = '.wh.';
 const OPAQUE_MARKER = '.wh..wh..opq';
-const WRITE_BATCH = 1024 * 1024;
 const { O_WRONLY, O_CREAT, O_EXCL, O_NOFOLLOW } = fs.constants;
 /** How many ignored xattr names to keep for the log. */
 const IGNORED_NAMES_KEPT = 10;
@@ -130,30 +128,10 @@ function depth(p: string): number {
   return n;
 }
 
-/** Write all of `bufs` at the fd's position, coping with short writes. */
-function writeAll(fd: number, bufs: Buffer[]): void {
-  let rest = bufs;
-  for (;;) {
-    const want = rest.reduce((n, b) => n + b.length, 0);
-    if (want === 0) return;
-    let n = fs.writevSync(fd, rest);
-    if (n === want) return;
-    const left: Buffer[] = [];
-    for (const b of rest) {
-      if (n >= b.length) n -= b.length;
-      else {
-        left.push(n > 0 ? b.subarray(n) : b);
-        n = 0;
-      }
-    }
-    rest = left;
-  }
-}
-
-async function drain(body: EntryBody): Promise<void> {
-  for await (const _ of body) {
-    // discard
-  }
+/** Write all of `b` at the fd's position, coping with short writes. */
+function writeAll(fd: number, b: Buffer): void {
+  let at = 0;
+  while (at < b.length) at += fs.writeSync(fd, b, at, b.length - at);
 }
 
 export interface ApplierOptions {
@@ -232,8 +210,8 @@ export class LayerApplier {
     if (fs.readdirSync(root).length === 0) this.fresh.add(root);
   }
 
-  /** Apply one archive entry; `body` is its data (drained here). */
-  async apply(header: Header, body: EntryBody): Promise<void> {
+  /** Apply one archive entry; `body` is its data (what is not read is skipped by the reader). */
+  async apply(header: TarHeader, body: EntryBody): Promise<void> {
     if (++this.entries > this.limits.maxEntries) {
       throw new GuestpullError(
         ErrorCode.BAD_IMAGE,
@@ -300,7 +278,6 @@ export class LayerApplier {
     if (this.speculative && !(await this.alone(e, base, parentComps))) await this.switchToLower();
 
     if (base.startsWith(WHITEOUT_PREFIX)) {
-      if (e.kind === 'file' && e.size > 0) await drain(body);
       await this.whiteout(e, base, parentComps);
       return;
     }
@@ -358,20 +335,13 @@ export class LayerApplier {
     try {
       let total = 0;
       if (e.size > 0) {
-        let batch: Buffer[] = [];
-        let batched = 0;
-        for await (const chunk of body) {
-          const b = chunk as Buffer;
+        // Each slice is written before the next is asked for: it is only valid until then (./tar.ts).
+        for (let next = body.read(); ; next = body.read()) {
+          const b = next instanceof Promise ? await next : next;
+          if (b === null) break;
           total += b.length;
-          batch.push(b);
-          batched += b.length;
-          if (batched >= WRITE_BATCH) {
-            writeAll(fd, batch);
-            batch = [];
-            batched = 0;
-          }
+          writeAll(fd, b);
         }
-        if (batched > 0) writeAll(fd, batch);
       }
       if (total !== e.size) throw badEntry(this.ctx, e.name, `has ${total} bytes of data but its header says ${e.size}`);
       if (this.opts.root) fs.fchownSync(fd, e.uid, e.gid);

@@ -1,13 +1,13 @@
 /**
- * One tar header, as tar-stream decoded it, checked and turned into a typed entry: cleaned path
+ * One tar header, as the tar reader (./tar.ts) decoded it, checked and turned into a typed entry: cleaned path
  * components, kind, owner, mode, times, device numbers, extended attributes. Everything here is
  * untrusted layer content; whatever this module does not accept becomes BAD_IMAGE naming the
  * entry, the layer and the image. Also: the layer bounds (LayerLimits) with the cdh.toml key that
  * raises each one.
  */
-import type { Header } from 'tar-stream';
 import { ErrorCode, GuestpullError } from '../../errors.js';
 import { cleanEntryPath } from './rootpath.js';
+import type { TarHeader } from './tar.js';
 
 export interface LayerLimits {
   /** Entries in one layer (every tar header that reaches the applier, whiteouts included). */
@@ -68,17 +68,6 @@ const XATTR_SIZE_MAX = 65536;
 const MAX_MAJOR = 0xfff;
 const MAX_MINOR = 0xfffff;
 
-/**
- * Raw PAX records of each header, as bytes (tar-stream decodes every value as UTF-8, which mangles
- * binary xattr values such as security.capability). Filled by the framing guard (./tarfeed.ts)
- * from the `x` header that precedes the entry.
- */
-const rawPax = new WeakMap<Header, ReadonlyMap<string, Buffer>>();
-
-export function setRawPax(h: Header, records: ReadonlyMap<string, Buffer>): void {
-  rawPax.set(h, records);
-}
-
 export interface LayerEntry {
   /** The name as it stood in the archive (for messages). */
   name: string;
@@ -115,17 +104,8 @@ export function badEntry(ctx: LayerContext, name: string, what: string): Guestpu
   );
 }
 
-/** PAX records as a plain string map (tar-stream types them as unknown). */
-export function paxRecords(h: Header): Record<string, string> | null {
-  const pax: unknown = h.pax;
-  if (pax === null || pax === undefined || typeof pax !== 'object') return null;
-  const out: Record<string, string> = {};
-  for (const [k, v] of Object.entries(pax)) if (typeof v === 'string') out[k] = v;
-  return out;
-}
-
-function parseId(ctx: LayerContext, h: Header, pax: Record<string, string> | null, key: 'uid' | 'gid'): number {
-  const text = pax?.[key];
+function parseId(ctx: LayerContext, h: TarHeader, pax: Record<string, string> | null, key: 'uid' | 'gid'): number {
+  const text = pax?.[key] || undefined; // an empty record keeps the header's value (Go)
   let v: number;
   if (text !== undefined) {
     if (!/^[0-9]{1,10}$/.test(text)) throw badEntry(ctx, h.name, `has an invalid PAX ${key} ${JSON.stringify(text.slice(0, 40))}`);
@@ -138,7 +118,7 @@ function parseId(ctx: LayerContext, h: Header, pax: Record<string, string> | nul
 }
 
 function parseTime(ctx: LayerContext, name: string, text: string | undefined, key: string): number | undefined {
-  if (text === undefined) return undefined;
+  if (text === undefined || text === '') return undefined;
   if (!/^-?[0-9]{1,19}(\.[0-9]{0,19})?$/.test(text)) throw badEntry(ctx, name, `has an invalid PAX ${key} ${JSON.stringify(text.slice(0, 40))}`);
   const v = Number(text);
   if (!Number.isFinite(v)) throw badEntry(ctx, name, `has an invalid PAX ${key}`);
@@ -154,9 +134,9 @@ function byteLength(s: string): number {
  * (`trusted.overlay.*`, `user.overlay.*`): it would forge whiteouts or opaque directories in the
  * layer store, so it is refused.
  */
-function parseXattrs(ctx: LayerContext, h: Header, pax: Record<string, string> | null): Xattr[] {
+function parseXattrs(ctx: LayerContext, h: TarHeader, pax: Record<string, string> | null): Xattr[] {
   if (!pax) return [];
-  const raw = rawPax.get(h);
+  const raw = h.paxRaw;
   const out: Xattr[] = [];
   for (const key of Object.keys(pax)) {
     if (!key.startsWith('SCHILY.xattr.')) continue;
@@ -177,7 +157,7 @@ function parseXattrs(ctx: LayerContext, h: Header, pax: Record<string, string> |
   return out;
 }
 
-function parseDevice(ctx: LayerContext, h: Header, kind: EntryKind): { devmajor: number; devminor: number } {
+function parseDevice(ctx: LayerContext, h: TarHeader, kind: EntryKind): { devmajor: number; devminor: number } {
   if (kind !== 'char' && kind !== 'block') return { devmajor: 0, devminor: 0 };
   const devmajor = h.devmajor ?? 0;
   const devminor = h.devminor ?? 0;
@@ -194,7 +174,7 @@ function parseDevice(ctx: LayerContext, h: Header, kind: EntryKind): { devmajor:
  * Check one header and type it. Sparse files, contiguous files and unknown types are refused
  * here, before anything touches the rootfs; so are char devices 0:0 and overlayfs xattrs.
  */
-export function parseEntry(ctx: LayerContext, h: Header, limits: LayerLimits): LayerEntry {
+export function parseEntry(ctx: LayerContext, h: TarHeader, limits: LayerLimits): LayerEntry {
   const name = h.name;
   if (typeof name !== 'string' || name.length === 0) throw badEntry(ctx, String(name), 'has an empty name');
   if (name.includes('\0')) throw badEntry(ctx, name, 'has a NUL byte in its name');
@@ -233,7 +213,7 @@ export function parseEntry(ctx: LayerContext, h: Header, limits: LayerLimits): L
       throw badEntry(ctx, name, `has an unsupported tar entry type ${JSON.stringify(String(h.type))}`);
   }
 
-  const pax = paxRecords(h);
+  const pax = h.pax;
   let ignoredXattrs = 0;
   if (pax) {
     for (const key of Object.keys(pax)) {
@@ -257,8 +237,7 @@ export function parseEntry(ctx: LayerContext, h: Header, limits: LayerLimits): L
   if (!Number.isSafeInteger(size) || size < 0) throw badEntry(ctx, name, `has an invalid size ${String(size)}`);
   if (kind !== 'file' && size !== 0) throw badEntry(ctx, name, `is a ${kind} with a non-zero size ${size}`);
 
-  const headerMtime = h.mtime instanceof Date ? h.mtime.getTime() / 1000 : Number.NaN;
-  const mtime = parseTime(ctx, name, pax?.mtime, 'mtime') ?? headerMtime;
+  const mtime = parseTime(ctx, name, pax?.['mtime'], 'mtime') ?? h.mtime;
   if (!Number.isFinite(mtime)) throw badEntry(ctx, name, 'has an invalid mtime');
   const paxAtime = parseTime(ctx, name, pax?.atime, 'atime');
   // As containerd does: the access time is the later of atime and mtime.

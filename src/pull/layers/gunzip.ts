@@ -4,8 +4,12 @@
  * the addon and libisal.so.2 load (`gunzipImplementation()`); ./inflate.ts falls back to zlib.
  *
  * A pipeline stage (an async generator), shaped like ./zstd.ts:
- *   - output in fresh 1 MiB chunks, each yielded and awaited, so a bomb inflates only as far as
- *     the downstream bound (HashCounter: max_layer_bytes, max_layer_ratio) lets it;
+ *   - output in 1 MiB chunks, each yielded and awaited, so a bomb inflates only as far as the
+ *     downstream bound (HashCounter: max_layer_bytes, max_layer_ratio) lets it;
+ *   - output buffers are reused: a chunk is written again once the stage after has asked for the
+ *     next one (the tar reader holds nothing of it by then: ./tar.ts) and its hash is done. Three
+ *     buffers per layer; fresh 1 MiB buffers were page faults and garbage for the collector (a
+ *     700 MB layer made 700 of them);
  *   - input read ahead (at most 1 MiB of compressed bytes queued) while the previous call runs,
  *     and handed to each call in batches of up to 1 MiB (network chunks are often 16-64 KiB);
  *   - double-buffered: the next call already runs on the pool while the consumer (tar apply, on
@@ -212,8 +216,7 @@ interface Job {
   step: Promise<GunzipStep>;
 }
 
-function launch(gz: NativeGunzip, input: Buffer): Job {
-  const output = Buffer.allocUnsafe(OUT_CHUNK);
+function launch(gz: NativeGunzip, input: Buffer, output: Buffer): Job {
   const step = gz.run(input, output);
   step.catch(() => {}); // awaited later; never an unhandled rejection while the consumer holds us at a yield
   return { input, output, step };
@@ -231,6 +234,9 @@ export function gunzipStage(ctx: LayerContext, digest?: OutputDigest): (source: 
     const input = new ReadAhead(source, READ_AHEAD);
     let gz: NativeGunzip | null = null;
     let job: Job | null = null;
+    /** Output buffers free to be written (see the header: when one comes back). */
+    const free: Buffer[] = [];
+    const output = (): Buffer => free.pop() ?? Buffer.allocUnsafeSlow(OUT_CHUNK);
     /** The hash of the output so far (one at a time, in order, beside the next inflate). */
     let hashing: Promise<void> = Promise.resolve();
     const hashOut = async (g: NativeGunzip, out: Buffer): Promise<void> => {
@@ -239,13 +245,20 @@ export function gunzipStage(ctx: LayerContext, digest?: OutputDigest): (source: 
       hashing = g.hash(out);
       hashing.catch(() => undefined); // awaited by the next chunk or at the end
     };
+    /** `buf` was yielded and the consumer has asked for more: free once its hash is done. */
+    const recycle = (buf: Buffer): void => {
+      void hashing.then(
+        () => free.push(buf),
+        () => undefined,
+      );
+    };
     const finish = async (g: NativeGunzip): Promise<void> => {
       await hashing;
       digest?.done(g.digest().toString('hex'));
     };
     try {
       gz = openGunzip(digest?.algorithm);
-      job = launch(gz, await firstInput(input, ctx)); // (no local: the generator would keep the chunk)
+      job = launch(gz, await firstInput(input, ctx), output()); // (no local: the generator would keep the chunk)
       for (;;) {
         const r = await job.step;
         const done: Job = job;
@@ -255,6 +268,7 @@ export function gunzipStage(ctx: LayerContext, digest?: OutputDigest): (source: 
         if (r.ended) {
           await hashOut(gz, out);
           if (out.length > 0) yield out;
+          recycle(done.output);
           await input.discardRest();
           await finish(gz);
           return;
@@ -264,9 +278,10 @@ export function gunzipStage(ctx: LayerContext, digest?: OutputDigest): (source: 
         if (!outputFull && leftover.length > 0) throw notGzip(ctx, 'the decoder made no progress');
         // Start the next call before handing this output on, so both run at once.
         const ready = input.takeNow(leftover);
-        if (ready.length > 0 || outputFull) job = launch(gz, ready);
+        if (ready.length > 0 || outputFull) job = launch(gz, ready, output());
         await hashOut(gz, out);
         if (out.length > 0) yield out;
+        recycle(done.output);
         if (job === null) {
           const more = await input.take(EMPTY);
           if (more.length === 0) {
@@ -274,7 +289,7 @@ export function gunzipStage(ctx: LayerContext, digest?: OutputDigest): (source: 
             await finish(gz);
             return;
           }
-          job = launch(gz, more);
+          job = launch(gz, more, output());
         }
       }
     } finally {

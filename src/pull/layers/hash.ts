@@ -5,14 +5,14 @@
  * uncompressed/compressed ratio once more than 1 MiB has flowed).
  */
 import { createHash, type Hash } from 'node:crypto';
-import { Transform, type TransformCallback } from 'node:stream';
 import { ErrorCode, GuestpullError } from '../../errors.js';
 import { limitHint, type LayerContext, type LayerLimits } from './entry.js';
 
 /** The ratio bound only applies once this many bytes have been inflated. */
 export const RATIO_GRACE_BYTES = 1024 * 1024;
 
-export class HashCounter extends Transform {
+/** Use `stage()` as a pipeline stage (an async generator: it passes each chunk on untouched and unbuffered). */
+export class HashCounter {
   bytes = 0;
   private readonly hash: Hash | null;
 
@@ -26,34 +26,36 @@ export class HashCounter extends Transform {
     /** false: count and bound only, the stage before hashes (digestHex() then throws) */
     hash = true,
   ) {
-    super({ highWaterMark: 256 * 1024 });
     this.hash = hash ? createHash(algorithm) : null;
   }
 
-  override _transform(chunk: Buffer, _enc: BufferEncoding, cb: TransformCallback): void {
+  stage(): (source: AsyncIterable<Buffer>) => AsyncGenerator<Buffer> {
+    const self = this;
+    return async function* count(source: AsyncIterable<Buffer>): AsyncGenerator<Buffer> {
+      for await (const chunk of source) {
+        self.take(chunk);
+        yield chunk;
+      }
+    };
+  }
+
+  private take(chunk: Buffer): void {
     this.bytes += chunk.length;
     if (this.bytes > this.limits.maxUncompressedBytes) {
-      cb(
-        new GuestpullError(
-          ErrorCode.BAD_IMAGE,
-          `layer ${this.ctx.layer} of ${this.ctx.image} inflates to more than ${this.limits.maxUncompressedBytes} bytes ${limitHint('maxUncompressedBytes')}; refusing it`,
-          { image: this.ctx.image, layer: this.ctx.layer },
-        ),
+      throw new GuestpullError(
+        ErrorCode.BAD_IMAGE,
+        `layer ${this.ctx.layer} of ${this.ctx.image} inflates to more than ${this.limits.maxUncompressedBytes} bytes ${limitHint('maxUncompressedBytes')}; refusing it`,
+        { image: this.ctx.image, layer: this.ctx.layer },
       );
-      return;
     }
     if (this.checkRatio && this.bytes > RATIO_GRACE_BYTES && this.bytes / Math.max(1, this.compressedSize) > this.limits.maxRatio) {
-      cb(
-        new GuestpullError(
-          ErrorCode.BAD_IMAGE,
-          `layer ${this.ctx.layer} of ${this.ctx.image} inflates more than ${this.limits.maxRatio} times its compressed size of ${this.compressedSize} bytes: a decompression bomb or a wrong descriptor size ${limitHint('maxRatio')}`,
-          { image: this.ctx.image, layer: this.ctx.layer },
-        ),
+      throw new GuestpullError(
+        ErrorCode.BAD_IMAGE,
+        `layer ${this.ctx.layer} of ${this.ctx.image} inflates more than ${this.limits.maxRatio} times its compressed size of ${this.compressedSize} bytes: a decompression bomb or a wrong descriptor size ${limitHint('maxRatio')}`,
+        { image: this.ctx.image, layer: this.ctx.layer },
       );
-      return;
     }
     this.hash?.update(chunk);
-    cb(null, chunk);
   }
 
   /** The hex digest; call once, after the stream has finished. */

@@ -2,7 +2,7 @@
  * Apply one image layer into a flattened rootfs (copy mode), verified and bounded:
  *
  *   source → gunzip | zstd (./zstd.ts) | nothing → HashCounter (diff_id digest, size and ratio bounds)
- *          → TarFeeder (tar-stream, framing checks) → LayerApplier (whiteouts, links, owners,
+ *          → readTar (./tar.ts: Go's reading of tar) → LayerApplier (whiteouts, links, owners,
  *            xattrs, devices; see ./apply.ts for the layer semantics)
  *
  * The first line is ./inflate.ts. During a pull this runs in the daemon's thread or, for a layer
@@ -20,7 +20,7 @@ import { layerCompression, parseDigest } from '../../oci.js';
 import { LayerApplier, type LowerSwitch } from './apply.js';
 import { DEFAULT_LAYER_LIMITS, type LayerContext, type LayerLimits } from './entry.js';
 import { inflateInto, type InflateResult, type InflateTask } from './inflate.js';
-import { TarFeeder } from './tarfeed.js';
+import { readTar } from './tar.js';
 
 export { DEFAULT_LAYER_LIMITS, LIMIT_KEYS, type LayerLimits } from './entry.js';
 export type { LowerSwitch } from './apply.js';
@@ -103,14 +103,14 @@ export async function applyLayer(opts: ApplyLayerOptions): Promise<ApplyLayerRes
     const ge = asGuestpullError(e);
     throw new GuestpullError(ge.code, `cannot unpack layer ${opts.layerDigest} of ${opts.image} into ${opts.rootfs}: ${ge.message}`, context, { cause: e });
   }
-  const feeder = new TarFeeder(ctx, (header, body) => applier.apply(header, body), limits);
+  const sink = readTar(ctx, (header, body) => applier.apply(header, body), limits);
   const task: InflateTask = { compression, algorithm: expected.algorithm, compressedSize: opts.compressedSize, limits, ctx };
 
   let inflated: InflateResult;
   try {
-    inflated = await inflateInto(opts.source, feeder, task, GUNZIP_READ_AHEAD, opts.signal);
+    // (readTar settles only after its last entry handler: nothing writes into the rootfs after this)
+    inflated = await inflateInto(opts.source, sink, task, GUNZIP_READ_AHEAD, opts.signal);
   } catch (e) {
-    await feeder.settled();
     if (opts.signal?.aborted) {
       throw new GuestpullError(ErrorCode.CANCELLED, `unpacking layer ${opts.layerDigest} of ${opts.image} was cancelled`, context, { cause: e });
     }
@@ -118,8 +118,6 @@ export async function applyLayer(opts: ApplyLayerOptions): Promise<ApplyLayerRes
     const ge = asGuestpullError(e);
     throw new GuestpullError(ge.code, `unpacking layer ${opts.layerDigest} of ${opts.image} failed: ${ge.message}`, { ...context, ...ge.context }, { cause: e });
   }
-  await feeder.settled();
-
   if (inflated.hex !== expected.hex) {
     throw new GuestpullError(
       ErrorCode.DIGEST_MISMATCH,

@@ -1,13 +1,17 @@
 /**
  * The first half of the layer pipeline: compressed blob → gunzip (ISA-L: ./gunzip.ts, else Node's
  * zlib) | zstd | nothing → HashCounter (diff_id digest, size and ratio bounds) → `sink` (the tar
- * applier: ./index.ts).
+ * reader and applier: ./index.ts).
+ *
+ * Every stage after the download is an async iteration, so a chunk is asked for only once the
+ * stage after has finished with the one before: the ISA-L and zstd stages reuse their output
+ * buffers on that promise (./tar.ts keeps it). A sink that keeps chunks must copy them.
  *
  * Errors come out classified: data that does not decompress is BAD_IMAGE naming the layer; a
  * failed download is the downloader's own GuestpullError (or UNAVAILABLE naming the layer); the
  * bounds are HashCounter's BAD_IMAGE; anything the sink throws is passed through untouched.
  */
-import type { Readable, TransformOptions, Writable } from 'node:stream';
+import type { Readable, TransformOptions } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import zlib from 'node:zlib';
 import { asGuestpullError, ErrorCode, GuestpullError } from '../../errors.js';
@@ -40,7 +44,10 @@ const GUNZIP_CHUNK = 1024 * 1024;
  * `readAhead`: decompressed bytes gunzip may hold before the next stage takes them (lets inflation,
  * which runs on the libuv thread pool, run ahead of a busy consumer).
  */
-export async function inflateInto(source: Readable, sink: Writable, task: InflateTask, readAhead: number, signal?: AbortSignal): Promise<InflateResult> {
+/** The last stage: reads the decompressed chunks; each is valid until it asks for the next. */
+export type ChunkSink = (source: AsyncIterable<Buffer>) => Promise<void>;
+
+export async function inflateInto(source: Readable, sink: ChunkSink, task: InflateTask, readAhead: number, signal?: AbortSignal): Promise<InflateResult> {
   const { ctx } = task;
   const isal = task.compression === 'gzip' && gunzipImplementation() === 'isal';
   // ISA-L's stage hashes on the pool thread; everything else is hashed here.
@@ -54,18 +61,18 @@ export async function inflateInto(source: Readable, sink: Writable, task: Inflat
   const opts = signal ? { signal } : {};
   try {
     if (isal) {
-      await pipeline(source, gunzipStage(ctx, { algorithm: task.algorithm, done: (hex) => (nativeHex = hex) }), hasher, sink, opts);
+      await pipeline(source, gunzipStage(ctx, { algorithm: task.algorithm, done: (hex) => (nativeHex = hex) }), hasher.stage(), sink, opts);
     } else if (task.compression === 'gzip') {
       const gunzipOpts: zlib.ZlibOptions & TransformOptions = { chunkSize: GUNZIP_CHUNK, readableHighWaterMark: readAhead };
       const gunzip = zlib.createGunzip(gunzipOpts);
       gunzip.once('error', (e) => {
         gunzipError ??= e;
       });
-      await pipeline(source, gunzip, hasher, sink, opts);
+      await pipeline(source, gunzip, hasher.stage(), sink, opts);
     } else if (task.compression === 'zstd') {
-      await pipeline(source, zstdDecompress(ctx), hasher, sink, opts);
+      await pipeline(source, zstdDecompress(ctx), hasher.stage(), sink, opts);
     } else {
-      await pipeline(source, hasher, sink, opts);
+      await pipeline(source, hasher.stage(), sink, opts);
     }
   } catch (e) {
     // (pipeline destroys gunzip with a source error too: that one is the download's, not the data's)

@@ -35,11 +35,12 @@ export function zstdDecompress(ctx: LayerContext): (source: AsyncIterable<Buffer
     dctx.setParameter(binding.DParameter.windowLogMax, ZSTD_WINDOW_LOG_MAX);
     let inFrame = false;
     let input = 0;
+    // One output buffer, written again once the consumer asks for more (./inflate.ts).
+    const dst = Buffer.allocUnsafeSlow(OUT_CHUNK);
     for await (const chunk of source) {
       input += chunk.length;
       let src: Buffer = chunk;
       for (;;) {
-        const dst = Buffer.allocUnsafe(OUT_CHUNK);
         let ret: number;
         let produced: number;
         let consumed: number;
