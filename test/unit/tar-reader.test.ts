@@ -153,6 +153,12 @@ describe("readTar: Go's reading", () => {
     expect(s!.header.linkname).toBe('pax-target');
   });
 
+  it('an empty GNU long name changes nothing', async () => {
+    const empty = Buffer.from('\0');
+    const t = rawTar([rawHeader({ name: '././@LongLink', flag: 'L', size: empty.length, format: 'gnu' }), dataBlocks(empty), ...file('kept', 'k')]);
+    expect((await readAll(t)).map((s) => s.header.name)).toEqual(['kept']);
+  });
+
   it('an empty PAX value keeps the header field; the last x header before an entry applies', async () => {
     const first = paxData({ path: 'never' });
     const last = paxData({ path: '', uid: '7' });

@@ -214,6 +214,7 @@ export class EntryBody {
 
   /** @internal Hands over one slice; resolves once the handler asks for more (or has settled). */
   supply(slice: Buffer, last: boolean): Promise<void> {
+    if (this.detached) return Promise.resolve();
     if (last) this.finished = true;
     const w = this.waiting;
     if (w !== null) {
@@ -222,7 +223,7 @@ export class EntryBody {
     } else {
       this.queued = slice;
     }
-    if (last || this.detached) return Promise.resolve();
+    if (last) return Promise.resolve();
     return new Promise((resolve) => {
       this.released = resolve;
     });
@@ -531,8 +532,9 @@ class TarReader {
         }
       }
     }
-    if (this.longName !== null) name = this.longName;
-    if (this.longLink !== null) linkname = this.longLink;
+    // An empty GNU long name or link changes nothing (Go).
+    if (this.longName !== null && this.longName !== '') name = this.longName;
+    if (this.longLink !== null && this.longLink !== '') linkname = this.longLink;
     this.pax = null;
     this.longName = null;
     this.longLink = null;
